@@ -1,0 +1,38 @@
+"""Output formats, one module each, registered by name and imported only when used.
+
+Each converter module exposes:
+
+- ``FORMAT``: its name on the command line (``--to NAME``);
+- ``export(model: MergedModel, out: Path, **options) -> ExportSummary``: writes the artifact
+  atomically and returns what it did (rounded zeros, refused constraints, sizes);
+- ``read_weights(path) -> Iterator[tuple[str, torch.Tensor]]``: decodes the artifact with the
+  project's own reader into effective float64 ``[out, in]`` weights, for verify's weight level;
+- ``WEIGHT_TOLERANCE``: the weight-level tolerance next to the format's spec.
+
+Importing this package imports no runtime (onnxruntime, llama.cpp, GPTQModel).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from qalora_export.errors import ConfigError
+
+FORMATS: dict[str, str] = {
+    "gptq": "qalora_export.converters.gptq",
+    "onnx": "qalora_export.converters.onnx",
+    "gguf": "qalora_export.converters.gguf",
+}
+
+
+def get_converter(name: str) -> ModuleType:
+    """The converter module registered as ``name``."""
+    if name not in FORMATS:
+        raise ConfigError(f"--to {name!r} is not a known format; choose one of {sorted(FORMATS)}")
+    try:
+        return importlib.import_module(FORMATS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("qalora_export.converters"):
+            raise ConfigError(f"the {name} converter is not available in this build") from exc
+        raise

@@ -1,0 +1,340 @@
+"""QA-LoRA adapter records and their on-disk form (PEFT's directory layout).
+
+A QA-LoRA adapter on a layer with ``in`` input features, rank ``r`` and pooling group size ``p``
+(``L = in / p`` pooled features) is ``A`` float ``[r, L]``, ``B`` float ``[out, r]`` and scale
+``s = alpha / r``; it adds ``s * (pool(x) @ A.T) @ B.T`` to the layer's output. The pooling
+convention says what ``pool`` is (DESIGN.md §2) and is a constant factor ``k`` per layer:
+
+    ==========  =====================================  =================
+    convention  pool(x)[g]                             k (weight factor)
+    ==========  =====================================  =================
+    mean        mean of x over pooling group g         1 / p
+    sum         sum over group g                       1
+    peft        mean over group g, times L             L / p
+    ==========  =====================================  =================
+
+so the adapter is the weight delta ``dW[o, i] = s * k * (B @ A)[o, a(i)]``, with ``a(i)`` the
+pooling group of input column ``i``: ``i // p`` ("consecutive", PEFT and the official code) or the
+base's quantization group ``g_idx[i]`` ("quantization", what this project's trainer uses so that
+act-order bases stay foldable).
+
+On disk (PEFT layout, so ``peft.PeftModel.from_pretrained`` loads it):
+
+- ``adapter_config.json``: PEFT's LoraConfig with ``use_qalora`` and ``qalora_group_size``;
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight`` ``[r, L]`` and
+  ``...lora_B.weight`` ``[out, r]``;
+- ``qalora_export.json`` (ours, versioned): pooling convention, pooling groups, and the
+  fingerprint of the base the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import AdapterError
+from .io_utils import atomic_output_dir, read_json
+
+Pooling = Literal["mean", "sum", "peft"]
+PoolGroups = Literal["consecutive", "quantization"]
+POOLINGS: tuple[str, ...] = ("mean", "sum", "peft")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_METADATA = "qalora_export.json"
+METADATA_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class AdapterLayer:
+    """The trained factors of one adapted layer: ``A`` ``[r, L]``, ``B`` ``[out, r]``."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def pooled_features(self) -> int:
+        return int(self.lora_A.shape[1])
+
+
+@dataclass
+class QALoRAAdapter:
+    """A whole QA-LoRA adapter: per-module factors plus what is needed to interpret them.
+
+    Attributes:
+        layers: module path (``model.layers.0.self_attn.q_proj``) to its factors.
+        rank: ``r``.
+        alpha: ``lora_alpha``; the adapter's scale is ``alpha / rank``.
+        pooling: the convention that trained it (see the module docstring).
+        pool_group_size: input columns per pooling group ``p``; 0 when not recorded (then each
+            layer's ``p`` is ``in / L``, see :meth:`layer_pool_group_size`).
+        pool_groups: "consecutive" (``i // p``) or "quantization" (the base's ``g_idx``).
+        base_fingerprint: fingerprint of the quantized base it was trained on, if known.
+        target_modules: the projection names it adapts (``q_proj``, ...).
+    """
+
+    layers: dict[str, AdapterLayer]
+    rank: int
+    alpha: float
+    pooling: Pooling
+    pool_group_size: int
+    pool_groups: PoolGroups = "consecutive"
+    base_fingerprint: Optional[str] = None
+    target_modules: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def layer_pool_group_size(self, name: str, in_features: int) -> int:
+        """Pooling group size ``p`` of layer ``name``, checked against ``A``'s shape ``[r, in / p]``."""
+        pooled = self.layers[name].pooled_features
+        if pooled <= 0 or in_features % pooled:
+            raise AdapterError(
+                f"adapter layer {name}: lora_A has {pooled} pooled features, which does not divide "
+                f"the layer's {in_features} input features; the adapter belongs to another model"
+            )
+        p = in_features // pooled
+        if self.pool_group_size and p != self.pool_group_size:
+            raise AdapterError(
+                f"adapter layer {name}: lora_A has {pooled} pooled features, so its pooling group "
+                f"size is {p}, but the adapter records {self.pool_group_size}; the adapter does not "
+                f"match this base (different layer widths or group size)"
+            )
+        return p
+
+
+def pooling_factor(pooling: str, in_features: int, pool_group_size: int) -> float:
+    """Weight-space factor ``k`` of a pooling convention (module docstring)."""
+    if pooling == "mean":
+        return 1.0 / pool_group_size
+    if pooling == "sum":
+        return 1.0
+    if pooling == "peft":
+        return (in_features // pool_group_size) / pool_group_size
+    raise AdapterError(f"unknown pooling convention {pooling!r}; choose one of {POOLINGS}")
+
+
+def adapter_delta(adapter: QALoRAAdapter, name: str, in_features: int) -> torch.Tensor:
+    """The per-pooling-group weight delta ``s * k * (B @ A)`` of layer ``name``: float64 ``[out, L]``."""
+    layer = adapter.layers[name]
+    p = adapter.layer_pool_group_size(name, in_features)
+    ba = layer.lora_B.to(torch.float64) @ layer.lora_A.to(torch.float64)
+    return ba * (adapter.scale * pooling_factor(adapter.pooling, in_features, p))
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def save_adapter(adapter: QALoRAAdapter, out_dir: Path, base_model_path: str = "",
+                 overwrite: bool = False) -> None:
+    """Write ``adapter`` in PEFT's layout plus our metadata, atomically (temp dir, then rename)."""
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
+        "r": adapter.rank,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(adapter.target_modules or _target_names(adapter.layers)),
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "use_qalora": adapter.pooling == "peft" and adapter.pool_groups == "consecutive",
+        "qalora_group_size": adapter.pool_group_size,
+        "modules_to_save": None,
+    }
+    metadata = {
+        "format_version": METADATA_VERSION,
+        "pooling": adapter.pooling,
+        "pool_group_size": adapter.pool_group_size,
+        "pool_groups": adapter.pool_groups,
+        "base_fingerprint": adapter.base_fingerprint,
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        **adapter.extra,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in adapter.layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().to(torch.float32).contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().to(torch.float32).contiguous()
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / ADAPTER_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def _target_names(layers: dict[str, AdapterLayer]) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name in layers})
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def load_adapter(adapter_dir: Path, pooling: Optional[str] = None) -> QALoRAAdapter:
+    """Read an adapter directory written by us, by PEFT (``use_qalora``), or by the official code.
+
+    The pooling convention comes from our metadata, else from unambiguous evidence (PEFT's
+    ``adapter_config.json`` with ``use_qalora: true`` means "peft"), else from ``pooling`` (the
+    ``--pooling`` flag). A flag that contradicts recorded metadata is refused, not obeyed silently.
+
+    Raises:
+        AdapterError: missing files, unreadable tensors, NaN/inf, shape mismatches, an unknown or
+            ambiguous convention.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter directory {adapter_dir} does not exist")
+    if not config_path.is_file() or not weights_path.is_file():
+        raise AdapterError(
+            f"{adapter_dir} is not an adapter directory: it needs {ADAPTER_CONFIG} and "
+            f"{ADAPTER_WEIGHTS} (PEFT's layout; `qalora-export train` writes it)"
+        )
+    config = read_json(config_path, AdapterError)
+    meta_path = adapter_dir / ADAPTER_METADATA
+    metadata = read_json(meta_path, AdapterError) if meta_path.is_file() else None
+    if pooling is not None and pooling not in POOLINGS:
+        raise AdapterError(f"--pooling {pooling!r} is not a convention; choose one of {POOLINGS}")
+
+    rank = _int_field(config, "r", config_path)
+    alpha = _float_field(config, "lora_alpha", config_path)
+    if config.get("use_rslora"):
+        raise AdapterError(f"{config_path}: use_rslora adapters are not QA-LoRA adapters this tool folds")
+    if config.get("use_dora"):
+        raise AdapterError(f"{config_path}: DoRA adapters cannot be folded into zero-points")
+
+    pool_groups: PoolGroups = "consecutive"
+    fingerprint = None
+    extra: dict = {}
+    if metadata is not None:
+        version = metadata.get("format_version")
+        if not isinstance(version, int) or version > METADATA_VERSION:
+            raise AdapterError(
+                f"{meta_path}: format_version {version!r} is not one this qalora-export reads "
+                f"(<= {METADATA_VERSION}); upgrade qalora-export"
+            )
+        recorded = metadata.get("pooling")
+        if recorded not in POOLINGS:
+            raise AdapterError(f"{meta_path}: pooling {recorded!r} is not one of {POOLINGS}")
+        if pooling is not None and pooling != recorded:
+            raise AdapterError(
+                f"--pooling {pooling} contradicts the convention recorded in {meta_path} "
+                f"({recorded}); drop the flag"
+            )
+        convention = recorded
+        group_size = _int_field(metadata, "pool_group_size", meta_path)
+        pool_groups = metadata.get("pool_groups", "consecutive")
+        if pool_groups not in ("consecutive", "quantization"):
+            raise AdapterError(f"{meta_path}: pool_groups {pool_groups!r} is not consecutive|quantization")
+        fingerprint = metadata.get("base_fingerprint")
+        extra = {k: v for k, v in metadata.items() if k not in {
+            "format_version", "pooling", "pool_group_size", "pool_groups", "base_fingerprint",
+            "rank", "alpha"}}
+    elif config.get("use_qalora"):
+        if pooling is not None and pooling != "peft":
+            raise AdapterError(
+                f"--pooling {pooling} contradicts {config_path}: use_qalora=true means PEFT's "
+                f"convention (peft); drop the flag"
+            )
+        convention = "peft"
+        group_size = _int_field(config, "qalora_group_size", config_path)
+    else:
+        if pooling is None:
+            raise AdapterError(
+                f"{adapter_dir} does not record its pooling convention (no {ADAPTER_METADATA}, no "
+                f"use_qalora in {ADAPTER_CONFIG}); the conventions differ by constant factors, so "
+                f"pass --pooling mean (official QA-LoRA code), sum (the paper's Algorithm 1) or "
+                f"peft"
+            )
+        convention = pooling
+        group_size = config.get("qalora_group_size") or config.get("group_size")
+        if not isinstance(group_size, int):
+            group_size = None  # inferred per layer from A's shape below
+
+    layers = _read_layers(weights_path, rank)
+    # 0 = not recorded: each layer's p is then in / L, derived when the base's widths are known.
+    group_size = group_size or 0
+    return QALoRAAdapter(
+        layers=layers, rank=rank, alpha=alpha, pooling=convention, pool_group_size=int(group_size),
+        pool_groups=pool_groups, base_fingerprint=fingerprint,
+        target_modules=list(config.get("target_modules") or _target_names(layers)), extra=extra,
+    )
+
+
+def _read_layers(weights_path: Path, rank: int) -> dict[str, AdapterLayer]:
+    try:
+        handle = safe_open(str(weights_path), framework="pt")
+    except Exception as exc:  # safetensors raises several types for corrupt files
+        raise AdapterError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    with handle as f:
+        for key in f.keys():
+            module, part = _split_key(key)
+            if part is None:
+                continue
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as exc:
+                raise AdapterError(f"{weights_path}: tensor {key} cannot be read: {exc}") from exc
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(
+                    f"{weights_path}: tensor {key} contains NaN or inf; the adapter is corrupt or "
+                    f"its training diverged, and folding it would corrupt the model"
+                )
+            found.setdefault(module, {})[part] = tensor
+    if not found:
+        raise AdapterError(f"{weights_path} holds no lora_A/lora_B tensors")
+    layers: dict[str, AdapterLayer] = {}
+    for module, parts in sorted(found.items()):
+        if set(parts) != {"A", "B"}:
+            raise AdapterError(f"{weights_path}: module {module} has lora_{''.join(parts)} but not both A and B")
+        a, b = parts["A"], parts["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise AdapterError(
+                f"{weights_path}: module {module} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}; rank r={rank} needs A [r, L] and B [out, r]"
+            )
+        layers[module] = AdapterLayer(lora_A=a, lora_B=b)
+    return layers
+
+
+def _split_key(key: str) -> tuple[str, Optional[str]]:
+    """``base_model.model.X.lora_A[.default].weight`` -> (``X``, "A")."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p in ("lora_A", "lora_B") and parts[-1] == "weight":
+            return ".".join(parts[:i]), p[-1]
+    return name, None
+
+
+def _int_field(obj: dict, key: str, path: Path) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise AdapterError(f"{path}: field {key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _float_field(obj: dict, key: str, path: Path) -> float:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AdapterError(f"{path}: field {key!r} must be a finite number, got {value!r}")
+    return float(value)

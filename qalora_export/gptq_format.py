@@ -1,0 +1,359 @@
+"""The AutoGPTQ checkpoint format: layout spec, codec, and a streaming reader.
+
+This is the project's input format (quantized bases) as well as an output format (written by
+``converters/gptq.py`` with the codec below), so its spec lives here, once.
+
+Per quantized linear ``<module>`` with ``in`` inputs, ``out`` outputs, ``G = in / group_size``
+groups and ``b`` bits (packing: ``packing.py``, 32-bit words, LSB-first bit stream):
+
+============================  =======  ==================================================
+tensor                        dtype    shape / meaning
+============================  =======  ==================================================
+``<module>.qweight``          int32    ``[in * b / 32, out]``: codes packed along ``in``
+``<module>.qzeros``           int32    ``[G, ceil(out * b / 32)]``: zero-points packed along out
+``<module>.scales``           float16  ``[G, out]``
+``<module>.g_idx``            int32    ``[in]``: group of each input column (act-order)
+``<module>.bias``             float16  ``[out]``, optional
+============================  =======  ==================================================
+
+Zero convention, from ``checkpoint_format`` in the quantization config: ``"gptq"`` (v1) stores
+``zero - 1``; ``"gptq_v2"`` stores ``zero``. Both store the value in ``b`` bits, so v1 holds true
+zeros ``1 .. 2**b - 1`` (a true zero of 0 would be stored as -1, which wraps and decodes wrong in
+every v1 runtime) and v2 holds ``0 .. 2**b - 1``.
+
+Configuration: ``config.json`` carries ``quantization_config`` (``quant_method: "gptq"``, bits,
+group_size, desc_act, sym, checkpoint_format, pack_dtype); ``quantize_config.json`` repeats it.
+Weights live in ``model.safetensors`` or in shards listed by ``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, ConfigError, FormatLimitError
+from .io_utils import read_json
+from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from .quant import QuantizedLinear
+
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+CONFIG_FILE = "config.json"
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Exactness of this format (DESIGN.md §3): zero-points are integers in b bits.
+STORED_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+
+
+def zero_range(bits: int, checkpoint_format: str) -> tuple[int, int]:
+    """Inclusive range of *true* zero-points the format can hold without wrapping."""
+    offset = STORED_ZERO_OFFSET[checkpoint_format]
+    return offset, (1 << bits) - 1
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """The quantization fields of an AutoGPTQ checkpoint that decoding depends on."""
+
+    bits: int
+    group_size: int
+    desc_act: bool
+    sym: bool
+    checkpoint_format: str
+
+    def to_json(self) -> dict:
+        """The ``quantization_config`` block transformers, GPTQModel and vLLM read."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "lm_head": False,
+            "format": self.checkpoint_format,
+            "checkpoint_format": self.checkpoint_format,
+            "pack_dtype": "int32",
+            "true_sequential": True,
+            "meta": {"quantizer": ["qalora-export"]},
+        }
+
+
+def parse_gptq_config(obj: dict, source: Path) -> GPTQConfig:
+    """Validate a ``quantization_config`` / ``quantize_config.json`` object."""
+    method = obj.get("quant_method", "gptq")
+    if method != "gptq":
+        raise CheckpointError(f"{source}: quant_method is {method!r}; only GPTQ checkpoints are read")
+    bits = obj.get("bits")
+    if bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{source}: bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
+    group_size = obj.get("group_size")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
+        raise CheckpointError(f"{source}: group_size={group_size!r} must be a positive integer (or -1)")
+    fmt = obj.get("checkpoint_format", obj.get("format", "gptq"))
+    if fmt not in CHECKPOINT_FORMATS:
+        raise CheckpointError(
+            f"{source}: checkpoint_format={fmt!r} is not readable; supported: {CHECKPOINT_FORMATS} "
+            f"(convert marlin/bitblas/awq checkpoints to gptq first)"
+        )
+    pack_dtype = obj.get("pack_dtype", "int32")
+    if pack_dtype != "int32":
+        raise CheckpointError(f"{source}: pack_dtype={pack_dtype!r}; only int32 packing is supported")
+    return GPTQConfig(bits=bits, group_size=group_size, desc_act=bool(obj.get("desc_act", False)),
+                      sym=bool(obj.get("sym", True)), checkpoint_format=fmt)
+
+
+# --------------------------------------------------------------------------------------- codec
+
+
+def encode_layer(layer: QuantizedLinear, checkpoint_format: str) -> dict[str, torch.Tensor]:
+    """Pack a record whose zero-points are integral into the format's tensors (suffix -> tensor).
+
+    Raises:
+        FormatLimitError: a zero-point is fractional or outside :func:`zero_range`.
+    """
+    zeros = layer.zeros.to(torch.float64)
+    if not torch.equal(zeros, torch.round(zeros)):
+        raise FormatLimitError(f"{layer.name}: GPTQ zero-points must be integers; round them first")
+    lo, hi = zero_range(layer.bits, checkpoint_format)
+    if zeros.numel() and (float(zeros.min()) < lo or float(zeros.max()) > hi):
+        raise FormatLimitError(
+            f"{layer.name}: zero-points span [{float(zeros.min()):g}, {float(zeros.max()):g}] but "
+            f"{checkpoint_format} {layer.bits}-bit holds [{lo}, {hi}]"
+            + (" (v1 stores zero - 1, so a zero of 0 cannot be stored: use --checkpoint-format gptq_v2)"
+               if checkpoint_format == "gptq" and float(zeros.min()) >= 0 else "")
+        )
+    stored = zeros.to(torch.int64) - STORED_ZERO_OFFSET[checkpoint_format]
+    tensors = {
+        "qweight": pack_codes(layer.codes.T, layer.bits, dim=0),
+        "qzeros": pack_codes(stored, layer.bits, dim=1),
+        "scales": layer.scales.to(torch.float16).contiguous(),
+        "g_idx": layer.g_idx.to(torch.int32).contiguous(),
+    }
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(torch.float16).contiguous()
+    return tensors
+
+
+def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig,
+                 in_features: Optional[int] = None) -> QuantizedLinear:
+    """Unpack a layer's tensors (suffix -> tensor) into a :class:`QuantizedLinear`.
+
+    ``in_features`` defaults to what ``qweight`` implies (``rows * 32 / bits``).
+    """
+    missing = [s for s in ("qweight", "qzeros", "scales") if s not in tensors]
+    if missing:
+        raise CheckpointError(f"{name}: missing tensors {', '.join(name + '.' + m for m in missing)}")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    for suffix, t, dtypes in (("qweight", qweight, (torch.int32,)), ("qzeros", qzeros, (torch.int32,)),
+                              ("scales", scales, (torch.float16, torch.bfloat16, torch.float32))):
+        if t.dtype not in dtypes or t.ndim != 2:
+            raise CheckpointError(f"{name}.{suffix}: expected a 2-D {dtypes[0]} tensor, got {t.dtype} {tuple(t.shape)}")
+    bits = config.bits
+    out_features = int(qweight.shape[1])
+    in_features = in_features or int(qweight.shape[0]) * 32 // bits
+    group_size = in_features if config.group_size == -1 else config.group_size
+    if in_features % group_size:
+        raise CheckpointError(f"{name}: group_size {group_size} does not divide in_features {in_features}")
+    n_groups = in_features // group_size
+    if "g_idx" in tensors:
+        g_idx = tensors["g_idx"].to(torch.int64)
+        if g_idx.shape != (in_features,):
+            raise CheckpointError(f"{name}.g_idx: shape {tuple(g_idx.shape)}, expected ({in_features},)")
+    else:
+        g_idx = torch.arange(in_features) // group_size
+    n_groups = max(n_groups, int(g_idx.max()) + 1 if g_idx.numel() else 0)
+    if scales.shape != (n_groups, out_features):
+        raise CheckpointError(f"{name}.scales: shape {tuple(scales.shape)}, expected ({n_groups}, {out_features})")
+    if g_idx.numel() and int(g_idx.min()) < 0:
+        raise CheckpointError(f"{name}.g_idx: negative group index {int(g_idx.min())}")
+    if not torch.isfinite(scales).all():
+        raise CheckpointError(f"{name}.scales: contains NaN or inf; the checkpoint is corrupt")
+    try:
+        codes = unpack_codes(qweight, bits, dim=0, n_codes=in_features).T.contiguous()
+        zeros = decode_zeros(qzeros, bits, out_features, config.checkpoint_format).to(torch.float64)
+    except FormatLimitError as exc:
+        raise CheckpointError(f"{name}: packed tensors do not match {bits}-bit, {in_features}x{out_features}: {exc}") from exc
+    if zeros.shape[0] != n_groups:
+        raise CheckpointError(f"{name}.qzeros: {zeros.shape[0]} rows, expected {n_groups} groups")
+    bias = tensors.get("bias")
+    return QuantizedLinear(
+        name=name, bits=bits, group_size=group_size, codes=codes,
+        scales=scales.to(torch.float32), zeros=zeros, g_idx=g_idx,
+        bias=None if bias is None else bias.to(torch.float32),
+    )
+
+
+def decode_zeros(qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str) -> torch.Tensor:
+    """True zero-points int64 ``[G, out]`` from packed ``qzeros``, as the runtimes compute them.
+
+    v1 ("gptq") adds 1 the way GPTQModel's kernels do: for 2/4/8 bits one add of ``0x...0101`` to
+    each packed word, whose carry out of a field that stored -1 (all ones) bumps the neighbouring
+    field; for 3 bits field by field, modulo ``2**b``. So a v1 checkpoint holding a true zero of 0
+    decodes here to what the runtimes compute, wrong values included; writers never produce one.
+    """
+    if checkpoint_format == "gptq_v2":
+        return unpack_codes(qzeros, bits, dim=1, n_codes=out_features).to(torch.int64)
+    if bits == 3:
+        stored = unpack_codes(qzeros, bits, dim=1, n_codes=out_features).to(torch.int64)
+        return (stored + 1) % (1 << bits)
+    ones = 0
+    for j in range(32 // bits):
+        ones |= 1 << (bits * j)
+    words = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF  # carry out of the word is lost
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return unpack_codes(words, bits, dim=1, n_codes=out_features).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------- reader
+
+
+class GPTQCheckpoint:
+    """A streaming reader of an AutoGPTQ checkpoint directory.
+
+    Opening reads only JSON and safetensors headers; tensors are read one layer at a time.
+
+    Example::
+
+        ckpt = GPTQCheckpoint("base_dir")
+        for name in ckpt.quantized_modules:
+            layer = ckpt.read_layer(name)   # QuantizedLinear
+    """
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is not a directory (expected an AutoGPTQ checkpoint directory)")
+        config_path = self.directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise CheckpointError(f"{self.directory} has no {CONFIG_FILE}; it is not a Hugging Face checkpoint")
+        self.model_config = read_json(config_path, CheckpointError)
+        qcfg = self.model_config.get("quantization_config")
+        qpath = config_path
+        if qcfg is None and (self.directory / QUANTIZE_CONFIG_FILE).is_file():
+            qpath = self.directory / QUANTIZE_CONFIG_FILE
+            qcfg = read_json(qpath, CheckpointError)
+        if not isinstance(qcfg, dict):
+            raise CheckpointError(
+                f"{self.directory} is not a GPTQ checkpoint: {CONFIG_FILE} has no quantization_config "
+                f"and there is no {QUANTIZE_CONFIG_FILE} (quantize it with `qalora-export quantize`)"
+            )
+        self.config = parse_gptq_config(qcfg, qpath)
+        self.tensor_files = _index_tensors(self.directory)
+        modules = sorted({k[: -len(".qweight")] for k in self.tensor_files if k.endswith(".qweight")})
+        if not modules:
+            raise CheckpointError(f"{self.directory}: no *.qweight tensors; the weights are not GPTQ-quantized")
+        self.quantized_modules: list[str] = modules
+        self._handles: dict[Path, object] = {}
+
+    # -- tensors
+    def _handle(self, path: Path):
+        handle = self._handles.get(path)
+        if handle is None:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as exc:
+                raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+            self._handles[path] = handle
+        return handle
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """One tensor by its full name."""
+        path = self.tensor_files.get(key)
+        if path is None:
+            raise CheckpointError(f"{self.directory}: tensor {key} is missing")
+        try:
+            return self._handle(path).get_tensor(key)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: tensor {key} cannot be read ({exc}); the file is truncated or corrupt") from exc
+
+    def read_layer(self, name: str) -> QuantizedLinear:
+        """Decode the quantized linear ``name`` (without suffix) into a record."""
+        tensors = {s: self.read_tensor(f"{name}.{s}") for s in QUANT_SUFFIXES + ("bias",)
+                   if f"{name}.{s}" in self.tensor_files}
+        return decode_layer(name, tensors, self.config)
+
+    def iter_layers(self) -> Iterator[QuantizedLinear]:
+        for name in self.quantized_modules:
+            yield self.read_layer(name)
+
+    def other_tensor_names(self) -> list[str]:
+        """Names of the tensors that are not part of a quantized linear (norms, embeddings, ...)."""
+        quant = {f"{m}.{s}" for m in self.quantized_modules for s in QUANT_SUFFIXES + ("bias",)}
+        return sorted(k for k in self.tensor_files if k not in quant)
+
+    def fingerprint(self) -> str:
+        """sha256 over quantization config and every quantized tensor's bytes, in name order.
+
+        Independent of sharding and file layout; identifies the base an adapter was trained on.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps([self.config.bits, self.config.group_size], sort_keys=True).encode())
+        for name in self.quantized_modules:
+            for s in QUANT_SUFFIXES:
+                key = f"{name}.{s}"
+                if key in self.tensor_files:
+                    t = self.read_tensor(key).contiguous()
+                    h.update(key.encode())
+                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return "sha256:" + h.hexdigest()
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _index_tensors(directory: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it, checking the index."""
+    index_path = directory / INDEX_FILE
+    single = directory / SINGLE_WEIGHTS_FILE
+    if index_path.is_file():
+        index = read_json(index_path, CheckpointError)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: weight_map is missing or empty")
+        files: dict[str, Path] = {}
+        headers: dict[str, set[str]] = {}
+        for key, fname in weight_map.items():
+            path = directory / str(fname)
+            if str(fname) not in headers:
+                headers[str(fname)] = set(_header_keys(path))
+            if key not in headers[str(fname)]:
+                raise CheckpointError(f"{index_path} says {key} is in {fname}, but that shard does not hold it")
+            files[key] = path
+        return files
+    if single.is_file():
+        return {k: single for k in _header_keys(single)}
+    shards = sorted(directory.glob("*.safetensors"))
+    if len(shards) == 1:
+        return {k: shards[0] for k in _header_keys(shards[0])}
+    raise CheckpointError(
+        f"{directory} has no {SINGLE_WEIGHTS_FILE} and no {INDEX_FILE}"
+        + (f" ({len(shards)} .safetensors files without an index)" if shards else "")
+    )
+
+
+def _header_keys(path: Path) -> list[str]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return [k for k in f.keys()]
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it is truncated or corrupt") from exc
+
+
+def check_writable_zeros(layer: QuantizedLinear, checkpoint_format: str) -> None:
+    """Raise :class:`ConfigError` if integral zeros fall outside the format's range (pre-flight)."""
+    lo, hi = zero_range(layer.bits, checkpoint_format)
+    z = layer.zeros
+    if z.numel() and (float(z.min()) < lo or float(z.max()) > hi):
+        raise ConfigError(f"{layer.name}: zero-points outside [{lo}, {hi}] for {checkpoint_format}")

@@ -1,0 +1,94 @@
+"""A quantized base with an adapter folded in, read lazily one layer at a time.
+
+This is what every converter consumes: it knows the base checkpoint and the fold, and nothing
+of output formats. Zero-points of the records it yields are float64 and may be fractional;
+each converter decides, in its own module, whether its format holds them exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .adapter import QALoRAAdapter, load_adapter
+from .errors import AdapterError
+from .fold import FoldStats, effective_weight, fold_into_zero_points
+from .gptq_format import GPTQCheckpoint
+from .quant import QuantizedLinear
+
+
+class MergedModel:
+    """``base`` (an AutoGPTQ checkpoint) with ``adapter`` (or none) folded into its zero-points.
+
+    Attributes:
+        base: the checkpoint reader; ``base.directory`` also holds the tokenizer files.
+        adapter: the adapter, or None for an already merged checkpoint / the plain base.
+        model_config: the base's ``config.json`` without ``quantization_config``.
+    """
+
+    def __init__(self, base: GPTQCheckpoint, adapter: Optional[QALoRAAdapter] = None,
+                 check_fingerprint: bool = True):
+        self.base = base
+        self.adapter = adapter
+        self.model_config = {k: v for k, v in base.model_config.items() if k != "quantization_config"}
+        if adapter is not None:
+            unknown = sorted(set(adapter.layers) - set(base.quantized_modules))
+            if unknown:
+                raise AdapterError(
+                    f"the adapter adapts {len(unknown)} module(s) the base does not quantize "
+                    f"(first: {unknown[0]}); it was trained on another model"
+                )
+            if check_fingerprint and adapter.base_fingerprint:
+                actual = base.fingerprint()
+                if actual != adapter.base_fingerprint:
+                    raise AdapterError(
+                        f"the adapter was trained on a base with fingerprint {adapter.base_fingerprint}, "
+                        f"but {base.directory} has {actual}: it is a different quantized base "
+                        f"(other weights, bits or group size). Use the base the adapter was trained on"
+                    )
+
+    @classmethod
+    def open(cls, base_dir: Path | str, adapter_dir: Path | str | None = None,
+             pooling: Optional[str] = None) -> "MergedModel":
+        base = GPTQCheckpoint(base_dir)
+        adapter = load_adapter(Path(adapter_dir), pooling=pooling) if adapter_dir is not None else None
+        return cls(base, adapter)
+
+    @property
+    def bits(self) -> int:
+        return self.base.config.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.base.config.group_size
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        return self.base.quantized_modules
+
+    def read_layer(self, name: str) -> tuple[QuantizedLinear, FoldStats]:
+        """The layer with the adapter folded in (float64 zeros ``[G, out]``) and the fold's stats."""
+        layer = self.base.read_layer(name)
+        if self.adapter is None:
+            return layer, FoldStats(name, 0.0, True)
+        return fold_into_zero_points(layer, self.adapter)
+
+    def iter_layers(self) -> Iterator[tuple[QuantizedLinear, FoldStats]]:
+        for name in self.quantized_modules:
+            yield self.read_layer(name)
+
+    def reference_weight(self, name: str) -> torch.Tensor:
+        """The unmerged effective weight ``W_hat + dW`` (float64 ``[out, in]``), computed without the fold."""
+        return effective_weight(self.base.read_layer(name), self.adapter)
+
+    def other_tensor_names(self) -> list[str]:
+        return self.base.other_tensor_names()
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        return self.base.read_tensor(name)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.base.directory
