@@ -128,3 +128,31 @@ def unpack_codes(words: torch.Tensor, bits: int, dim: int, n_codes: int | None =
             )
         codes = codes[:n_codes]
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(codes, 0, dim)))
+
+
+def unpack_codes_torch(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
+    """:func:`unpack_codes` along dim 0 with torch ops, on the words' device (for forward passes).
+
+    Args:
+        words: int32 ``[n_words, cols]``.
+    Returns:
+        int32 codes ``[n_codes, cols]``.
+    """
+    _check_bits(bits)
+    per_cycle = cycle_codes(bits)
+    words_per_cycle = per_cycle * bits // WORD_BITS
+    n_words, cols = words.shape
+    w = words.reshape(n_words // words_per_cycle, words_per_cycle, cols)
+    mask = (1 << bits) - 1
+    parts = []
+    for j in range(per_cycle):
+        word, offset = divmod(bits * j, WORD_BITS)
+        # Arithmetic right shift of int32 then masking keeps only the field's bits.
+        value = torch.bitwise_right_shift(w[:, word], offset) & mask
+        if offset + bits > WORD_BITS:
+            spill = offset + bits - WORD_BITS
+            high = w[:, word + 1] & ((1 << spill) - 1)
+            value = value & ((1 << (WORD_BITS - offset)) - 1) | torch.bitwise_left_shift(high, WORD_BITS - offset)
+        parts.append(value)
+    codes = torch.stack(parts, dim=1).reshape(-1, cols)
+    return codes[:n_codes]

@@ -1,0 +1,99 @@
+"""The QA-LoRA linear layer: a frozen packed quantized base plus a pooled low-rank adapter.
+
+Forward, for ``x`` ``[..., in]`` (DESIGN.md §2):
+
+    y = x @ W_hat.T + bias + s * k * (pool_sum(x) @ A.T) @ B.T
+
+with ``W_hat[o, i] = scale[g(i), o] * (q[o, i] - zero[g(i), o])``, ``pool_sum(x)[..., a]`` the sum
+of ``x`` over the columns of pooling group ``a``, ``s = alpha / r`` and ``k`` the convention's
+factor (``adapter.pooling_factor``). The adapter pools over the base's quantization groups, so
+the layer stays foldable on act-order bases; on contiguous bases that is PEFT's ``i // p``.
+
+The base is stored packed (``qweight`` int32 ``[in * b / 32, out]``, as in the checkpoint) and
+dequantized at every forward; nothing but ``lora_A``/``lora_B`` takes gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .adapter import AdapterLayer, pooling_factor
+from .packing import pack_codes, unpack_codes_torch
+from .quant import QuantizedLinear
+
+
+class QALoRALinear(nn.Module):
+    """A quantized linear layer with an optional QA-LoRA adapter.
+
+    Args:
+        layer: the quantized base record (integral or float zeros).
+        rank: adapter rank ``r`` (0 = no adapter).
+        alpha: ``lora_alpha``.
+        pooling: convention used for ``k`` ("mean", "sum", "peft").
+        compute_dtype: dtype of the dequantized weight and the matmul.
+    """
+
+    def __init__(self, layer: QuantizedLinear, rank: int = 0, alpha: float = 0.0,
+                 pooling: str = "peft", compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.name = layer.name
+        self.bits = layer.bits
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.num_groups = layer.num_groups
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", pack_codes(layer.codes.T, layer.bits, dim=0), persistent=False)
+        self.register_buffer("scales", layer.scales.to(torch.float32).contiguous(), persistent=False)
+        self.register_buffer("zeros", layer.zeros.to(torch.float64).contiguous(), persistent=False)
+        self.register_buffer("g_idx", layer.g_idx.to(torch.int64).contiguous(), persistent=False)
+        self.contiguous_groups = not layer.is_act_order
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.clone(), persistent=False)
+        self.rank = rank
+        self.pooling = pooling
+        self.scaling = alpha / rank if rank else 0.0
+        self.k = pooling_factor(pooling, self.in_features, self.in_features // self.num_groups) if rank else 0.0
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, self.num_groups, dtype=torch.float32))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=torch.float32))
+            nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)
+        else:
+            self.lora_A = None
+            self.lora_B = None
+
+    def load_adapter(self, adapter_layer: AdapterLayer) -> None:
+        """Copy trained factors in (shapes checked by the caller's adapter validation)."""
+        with torch.no_grad():
+            self.lora_A.copy_(adapter_layer.lora_A.to(self.lora_A.dtype))
+            self.lora_B.copy_(adapter_layer.lora_B.to(self.lora_B.dtype))
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``W_hat`` ``[out, in]``: computed in float32 (float64 zeros applied exactly), then cast."""
+        codes = unpack_codes_torch(self.qweight, self.bits, self.in_features)  # [in, out]
+        scale = self.scales[self.g_idx]  # [in, out]
+        zero = self.zeros[self.g_idx]
+        w = (scale.to(torch.float64) * (codes.to(torch.float64) - zero)) if dtype == torch.float64 else \
+            scale * (codes.to(torch.float32) - zero.to(torch.float32))
+        return w.T.to(dtype or self.compute_dtype)
+
+    def pool_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of ``x`` ``[..., in]`` over each quantization group: ``[..., G]``."""
+        if self.contiguous_groups:
+            return x.unflatten(-1, (self.num_groups, -1)).sum(-1)
+        out = x.new_zeros(x.shape[:-1] + (self.num_groups,))
+        return out.index_add(-1, self.g_idx, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(self.compute_dtype)
+        y = torch.nn.functional.linear(x.to(self.compute_dtype), w,
+                                       None if self.bias is None else self.bias.to(self.compute_dtype))
+        if self.rank:
+            pooled = self.pool_sum(x.to(self.lora_A.dtype)) * (self.k * self.scaling)
+            y = y + ((pooled @ self.lora_A.T) @ self.lora_B.T).to(y.dtype)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.num_groups}, "
+                f"rank={self.rank}, pooling={self.pooling}")
