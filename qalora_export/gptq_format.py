@@ -357,3 +357,77 @@ def check_writable_zeros(layer: QuantizedLinear, checkpoint_format: str) -> None
     z = layer.zeros
     if z.numel() and (float(z.min()) < lo or float(z.max()) > hi):
         raise ConfigError(f"{layer.name}: zero-points outside [{lo}, {hi}] for {checkpoint_format}")
+
+
+# --------------------------------------------------------------------------------------- writer
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointWriter:
+    """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (then an index).
+
+    States: open -> (add_tensor)* -> finish. Call it inside ``atomic_output_dir`` so that a
+    failure leaves no partial checkpoint.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []  # tensor names of each written shard
+        self._finished = False
+        self.total_bytes = 0
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if self._finished:
+            raise RuntimeError("CheckpointWriter.add_tensor called after finish()")
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        index = len(self._shards) + 1
+        path = self.directory / f".shard-{index:05d}.safetensors"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append(sorted(self._pending))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard and, for several shards, the index; return the file names."""
+        if self._pending or not self._shards:
+            self._flush()
+        self._finished = True
+        n = len(self._shards)
+        if n == 1:
+            (self.directory / ".shard-00001.safetensors").rename(self.directory / SINGLE_WEIGHTS_FILE)
+            return [SINGLE_WEIGHTS_FILE]
+        names = []
+        weight_map = {}
+        for i, keys in enumerate(self._shards, start=1):
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.directory / f".shard-{i:05d}.safetensors").rename(self.directory / fname)
+            names.append(fname)
+            weight_map.update({k: fname for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def write_configs(directory: Path, model_config: dict, config: GPTQConfig, extra_meta: Optional[dict] = None) -> None:
+    """``config.json`` with ``quantization_config`` and ``quantize_config.json``, as loaders expect."""
+    qcfg = config.to_json()
+    if extra_meta:
+        qcfg["meta"] = {**qcfg["meta"], **extra_meta}
+    full = {k: v for k, v in model_config.items() if k != "quantization_config"}
+    full["quantization_config"] = qcfg
+    full.setdefault("torch_dtype", "float16")
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    (Path(directory) / QUANTIZE_CONFIG_FILE).write_text(json.dumps(qcfg, indent=2) + "\n")

