@@ -1,0 +1,215 @@
+"""``--to gptq``: a merged model as an AutoGPTQ checkpoint (transformers, GPTQModel, vLLM).
+
+Layout and zero conventions: ``qalora_export/gptq_format.py`` (the format is also the project's
+input format, so its spec lives in the core, once).
+
+What this format holds exactly (DESIGN.md §3): codes and fp16 scales are copied from the base,
+so the fold is bit-exact when every folded zero-point is an integer inside the format's range
+(``gptq_format.zero_range``). Otherwise:
+
+- fractional zeros are rounded to the nearest integer; the summary says how many moved and the
+  largest change (in code units; the weight moves by at most ``scale / 2`` per element), and
+  ``require_exact=True`` makes that an error;
+- zeros outside the range are an error naming the layer and the fix (``gptq_v2`` for a zero of 0
+  in v1; ``clamp_zeros=True`` to clamp, reported) — never wrapped.
+
+The merge is recorded in ``quantization_config.meta.qalora_export`` so that ``verify`` knows which
+reference the artifact must equal (the exact fold, or the declared rounding of it).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from qalora_export.errors import FoldError, FormatLimitError
+from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, INDEX_FILE, QUANTIZE_CONFIG_FILE,
+                                       CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer,
+                                       write_configs, zero_range)
+from qalora_export.io_utils import atomic_output_dir
+from qalora_export.merged import MergedModel
+from qalora_export.quant import QuantizedLinear
+
+FORMAT = "gptq"
+META_KEY = "qalora_export"
+
+# Weight level (verify): the decoded artifact must equal the declared merge (exact fold, or the
+# rounded/clamped fold) to float64 round-off; fp16 scales are copied, codes are integers.
+WEIGHT_TOLERANCE = 1e-9  # relative to the layer's max |W|
+
+
+@dataclass
+class ZeroPolicyResult:
+    """What writing one layer's zeros as integers did."""
+
+    moved: int = 0  # zeros changed by rounding
+    max_change: float = 0.0  # largest |rounded - folded|, code units
+    clamped: int = 0
+
+
+@dataclass
+class GPTQExportSummary:
+    format: str
+    path: str
+    checkpoint_format: str
+    bits: int
+    group_size: int
+    layers: int
+    exact: bool
+    zeros_total: int = 0
+    zeros_moved: int = 0
+    max_zero_change: float = 0.0
+    zeros_clamped: int = 0
+    max_fold_shift: float = 0.0
+    bytes: int = 0
+    per_layer: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def integer_zeros(layer: QuantizedLinear, checkpoint_format: str, clamp: bool) -> tuple[QuantizedLinear, ZeroPolicyResult]:
+    """Round ``layer``'s float zeros and enforce the format's range (see module docstring)."""
+    zeros = layer.zeros.to(torch.float64)
+    rounded = torch.round(zeros)
+    result = ZeroPolicyResult()
+    diff = (rounded - zeros).abs()
+    result.moved = int((diff > 0).sum())
+    result.max_change = float(diff.max()) if diff.numel() else 0.0
+    lo, hi = zero_range(layer.bits, checkpoint_format)
+    outside = (rounded < lo) | (rounded > hi)
+    if bool(outside.any()):
+        if not clamp:
+            n = int(outside.sum())
+            hint = ("; the v1 'gptq' format stores zero - 1 and cannot hold a zero of 0: use "
+                    "--checkpoint-format gptq_v2" if checkpoint_format == "gptq" and float(rounded.min()) == lo - 1 else "")
+            raise FormatLimitError(
+                f"{layer.name}: {n} folded zero-point(s) fall outside [{lo}, {hi}], the range "
+                f"{checkpoint_format} {layer.bits}-bit can hold (min {float(rounded.min()):g}, max "
+                f"{float(rounded.max()):g}){hint}. Pass --clamp-zeros to clamp them (the weights "
+                f"of those groups then change; the summary reports it), or train with a smaller "
+                f"adapter / more bits"
+            )
+        result.clamped = int(outside.sum())
+        final = rounded.clamp(lo, hi)
+        result.max_change = float((final - zeros).abs().max())
+        rounded = final
+    return layer.with_zeros(rounded), result
+
+
+def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = None,
+           require_exact: bool = False, clamp_zeros: bool = False, overwrite: bool = False,
+           max_shard_bytes: int = 2 * 1024**3,
+           progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Write ``model`` (base with the adapter folded in) as an AutoGPTQ checkpoint at ``out``.
+
+    Args:
+        checkpoint_format: "gptq" or "gptq_v2"; default: the base's.
+        require_exact: refuse (FoldError) when any folded zero-point is fractional.
+        clamp_zeros: clamp out-of-range zeros instead of refusing (reported).
+    Returns:
+        :class:`GPTQExportSummary` as a dict.
+    """
+    fmt = checkpoint_format or model.base.config.checkpoint_format
+    if fmt not in CHECKPOINT_FORMATS:
+        raise FormatLimitError(f"--checkpoint-format {fmt!r}: choose one of {CHECKPOINT_FORMATS}")
+    base_cfg = model.base.config
+    summary = GPTQExportSummary(format=FORMAT, path=str(out), checkpoint_format=fmt, bits=base_cfg.bits,
+                                group_size=base_cfg.group_size, layers=len(model.quantized_modules), exact=True)
+    out = Path(out)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_bytes)
+        for name in model.quantized_modules:
+            if progress:
+                progress(name)
+            folded, stats = model.read_layer(name)
+            layer, zres = integer_zeros(folded, fmt, clamp_zeros)
+            if zres.moved and require_exact:
+                raise FoldError(
+                    f"{name}: {zres.moved} of {folded.zeros.numel()} folded zero-points are not integers "
+                    f"(largest rounding {zres.max_change:.3f} code units) and --require-exact was given; "
+                    f"GPTQ stores integer zeros. Export to onnx or gguf (float zeros), or train with "
+                    f"integer zeros"
+                )
+            summary.zeros_total += folded.zeros.numel()
+            summary.zeros_moved += zres.moved
+            summary.zeros_clamped += zres.clamped
+            summary.max_zero_change = max(summary.max_zero_change, zres.max_change)
+            summary.max_fold_shift = max(summary.max_fold_shift, stats.max_abs_shift)
+            summary.per_layer[name] = {"moved": zres.moved, "max_change": zres.max_change,
+                                       "clamped": zres.clamped, "max_fold_shift": stats.max_abs_shift}
+            for suffix, tensor in encode_layer(layer, fmt).items():
+                writer.add_tensor(f"{name}.{suffix}", tensor)
+        for key in model.other_tensor_names():
+            writer.add_tensor(key, model.read_tensor(key))
+        writer.finish()
+        summary.exact = summary.zeros_moved == 0 and summary.zeros_clamped == 0
+        summary.bytes = writer.total_bytes
+        meta = {
+            "merged": model.adapter is not None,
+            "adapter_fingerprint": _adapter_fingerprint(model),
+            "base_fingerprint": model.base.fingerprint() if model.adapter is not None else None,
+            "exact": summary.exact,
+            "zeros_moved": summary.zeros_moved,
+            "zeros_clamped": summary.zeros_clamped,
+            "max_zero_change": summary.max_zero_change,
+            "zero_rounding": "nearest",
+        }
+        config = GPTQConfig(bits=base_cfg.bits, group_size=base_cfg.group_size, desc_act=base_cfg.desc_act,
+                            sym=False, checkpoint_format=fmt)
+        write_configs(tmp, model.model_config, config, {META_KEY: meta})
+        copy_tokenizer_files(model.tokenizer_dir, tmp)
+    return summary.to_json()
+
+
+def _adapter_fingerprint(model: MergedModel) -> Optional[str]:
+    if model.adapter is None:
+        return None
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(model.adapter.layers):
+        layer = model.adapter.layers[name]
+        h.update(name.encode())
+        h.update(layer.lora_A.to(torch.float32).contiguous().numpy().tobytes())
+        h.update(layer.lora_B.to(torch.float32).contiguous().numpy().tobytes())
+    h.update(f"{model.adapter.alpha}/{model.adapter.rank}/{model.adapter.pooling}".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy everything but weights and quantization configs (tokenizer, generation config, template)."""
+    skip = {CONFIG_FILE, QUANTIZE_CONFIG_FILE, INDEX_FILE}
+    for item in Path(src).iterdir():
+        if item.is_file() and item.name not in skip and not item.name.endswith(".safetensors") \
+                and not item.name.startswith("."):
+            shutil.copy2(item, Path(dst) / item.name)
+
+
+def read_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Decode every quantized layer of the checkpoint at ``path``: (module, float64 ``[out, in]``)."""
+    ckpt = GPTQCheckpoint(path)
+    for layer in ckpt.iter_layers():
+        yield layer.name, layer.dequantize(torch.float64)
+
+
+def merge_metadata(path: Path) -> dict:
+    """The ``meta.qalora_export`` record of a checkpoint this converter wrote ({} otherwise)."""
+    ckpt = GPTQCheckpoint(path)
+    qcfg = ckpt.model_config.get("quantization_config") or {}
+    return dict((qcfg.get("meta") or {}).get(META_KEY) or {})
+
+
+def declared_weight(model: MergedModel, name: str, artifact_meta: dict) -> torch.Tensor:
+    """What the artifact must hold for layer ``name``: the fold, rounded as its metadata declares."""
+    folded, _ = model.read_layer(name)
+    if artifact_meta.get("exact", True) and artifact_meta.get("zeros_moved", 0) == 0:
+        return folded.dequantize(torch.float64)
+    fmt = artifact_meta.get("checkpoint_format") or model.base.config.checkpoint_format
+    rounded, _ = integer_zeros(folded, fmt if fmt in CHECKPOINT_FORMATS else "gptq_v2",
+                               clamp=artifact_meta.get("zeros_clamped", 0) > 0)
+    return rounded.dequantize(torch.float64)
