@@ -1,0 +1,492 @@
+"""ONNX export: a LLaMA-family decoder whose quantized projections are ``com.microsoft.MatMulNBits``.
+
+Each folded :class:`QuantizedLinear` becomes one MatMulNBits node with its integer codes
+unchanged (3-bit codes in a 4-bit container) and the folded zero-points stored
+
+- as float zero-points (default, ``zero_points="float"``): exact up to fp32 rounding of the float64
+  fold, which is inside :data:`WEIGHT_TOLERANCE`; onnxruntime's CPU kernel runs them for 2 and
+  4-bit containers only, so 8-bit codes need ``zero_points="uint8"``;
+- as packed uint8 zero-points (``zero_points="uint8"``, the prepacked fast path of onnxruntime's
+  CPU kernel): exact when the folded zeros are integral (an adapter trained with integer zero
+  shifts, or no adapter); otherwise refused unless ``allow_rounding``, and the rounding error
+  is measured and reported.
+
+Act-order bases (``g_idx`` not ``i // group_size``) are exported exactly: the columns of each
+weight are sorted by group (``perm = argsort(g_idx)``, stable), which makes the groups contiguous,
+and a ``Gather(x, perm, axis=-1)`` in front of the node feeds it the activations in the same order
+(``x[..., perm] @ W[:, perm].T == x @ W.T``). MatMulNBits' own ``g_idx`` input is deprecated
+and not used. Group sizes that are not a whole number of power-of-two blocks of 16..256 are
+refused (``onnx_spec.block_size_for``).
+
+Files (``OUT_DIR``): ``model.onnx`` (graph only), ``model.onnx.data`` (every initializer larger than
+1 KiB, always external so that no model hits protobuf's 2 GB limit and the layout is the same at
+every size), ``genai_config.json``, the tokenizer files of the base. The MatMulNBits node of a
+projection is named by its transformers module path (``model.layers.0.self_attn.q_proj``), which
+is how :func:`read_weights` maps it back.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
+from qalora_export.io_utils import atomic_output_dir
+from qalora_export.quant import QuantizedLinear
+
+from . import onnx_spec as spec
+from .onnx_genai import GENAI_CONFIG_FILE, MODEL_FILE, write_genai_config
+from .onnx_spec import WEIGHT_TOLERANCE  # noqa: F401  (the converter contract's name)
+
+FORMAT = "onnx"
+DATA_FILE = MODEL_FILE + ".data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METADATA_VERSION = "1"
+
+
+# ------------------------------------------------------------------------------------ encoding
+
+def column_permutation(layer: QuantizedLinear) -> Optional[np.ndarray]:
+    """``perm`` int64 ``[in]`` that makes the groups of an act-order layer contiguous, or None.
+
+    Raises :class:`FormatLimitError` when a group does not hold exactly ``group_size`` columns
+    (then no permutation gives whole blocks).
+    """
+    if not layer.is_act_order:
+        return None
+    g_idx = layer.g_idx.to(torch.int64)
+    counts = torch.bincount(g_idx, minlength=layer.num_groups)
+    if len(counts) != layer.num_groups or bool((counts != layer.group_size).any()):
+        raise FormatLimitError(
+            f"{layer.name}: act-order g_idx puts {int(counts.min())}..{int(counts.max())} columns in a group, "
+            f"not {layer.group_size} each, so its columns cannot be permuted into whole MatMulNBits blocks; "
+            f"re-quantize the base without act-order (desc_act=false)"
+        )
+    return torch.argsort(g_idx, stable=True).numpy()
+
+
+def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str = "fp32",
+                  allow_rounding: bool = False) -> tuple["onnx_graph.NBitsLinear", dict]:
+    """One folded layer as MatMulNBits inputs, and what storing it lost.
+
+    Returns:
+        the :class:`onnx_graph.NBitsLinear` and ``{"name", "max_abs_error", "rel_error",
+        "rounded"}`` where the errors compare the stored weight with the record's float64
+        ``scale * (q - zero)``.
+    """
+    from .onnx_graph import NBitsLinear
+
+    bits = spec.container_bits(layer.bits)
+    block_size = spec.block_size_for(layer.group_size)
+    reps = layer.group_size // block_size
+    perm = column_permutation(layer)
+    codes = layer.codes.numpy()
+    g_of_block = np.arange(layer.num_groups).repeat(reps)  # group of each block after sorting
+    if perm is not None:
+        codes = codes[:, perm]
+    scales64 = layer.scales.to(torch.float64).numpy().T[:, g_of_block]  # [N, k_blocks]
+    zeros64 = layer.zeros.to(torch.float64).numpy().T[:, g_of_block]
+    io = spec.DTYPES[dtype]
+    scales = scales64.astype(io)
+    if not np.array_equal(scales.astype(np.float64), scales64):
+        raise FormatLimitError(f"{layer.name}: a scale is not representable in {dtype}; export with --dtype fp32")
+
+    if zero_points == "float":
+        if bits not in spec.FLOAT_ZERO_POINT_BITS:
+            raise FormatLimitError(
+                f"{layer.name}: {layer.bits}-bit codes use MatMulNBits bits={bits}, whose onnxruntime CPU kernel "
+                f"refuses float zero-points; export with --zero-points uint8 (exact when the folded zero-points "
+                f"are integral, e.g. no adapter or an integer-shift adapter)"
+            )
+        stored = zeros64.astype(io)
+        stored64 = stored.astype(np.float64)
+    elif zero_points == "uint8":
+        rounded = np.round(zeros64)
+        lo, hi = float(zeros64.min()), float(zeros64.max())
+        if rounded.min() < 0 or rounded.max() > (1 << bits) - 1:
+            raise FormatLimitError(
+                f"{layer.name}: folded zero-points span [{lo:.3f}, {hi:.3f}], outside the {bits}-bit packed "
+                f"zero-point range [0, {(1 << bits) - 1}]; export with --zero-points float"
+            )
+        stored = rounded.astype(np.uint8)
+        stored64 = rounded
+    else:
+        raise ConfigError(f"--zero-points {zero_points!r} is not one of {spec.ZERO_POINT_KINDS}")
+
+    # Error of the stored weight: scale * |zero_stored - zero| (codes and scales are exact).
+    # max |W| of the layer, from each block's smallest and largest code (no full dequantization).
+    blocks = codes.reshape(codes.shape[0], -1, block_size)
+    w_max = float(np.maximum(np.abs(scales64 * (blocks.min(axis=2) - zeros64)),
+                             np.abs(scales64 * (blocks.max(axis=2) - zeros64))).max()) if zeros64.size else 0.0
+    max_err = float(np.abs(scales64 * (stored64 - zeros64)).max()) if zeros64.size else 0.0
+    rel = max_err / w_max if w_max > 0 else 0.0
+    is_rounded = rel > spec.WEIGHT_TOLERANCE
+    if is_rounded and not allow_rounding:
+        frac = float(np.abs(zeros64 - np.round(zeros64)).max())
+        how = ("the folded zero-points are fractional (up to {:.4f} code units from an integer)".format(frac)
+               if zero_points == "uint8" else f"{dtype} cannot hold the folded zero-points")
+        fix = ("--zero-points float" if zero_points == "uint8" else "--dtype fp32")
+        raise FormatLimitError(
+            f"{layer.name}: {how}; storing them as {zero_points} zero-points would change the weight by up to "
+            f"{max_err:.3g} ({rel:.2e} of its range, tolerance {spec.WEIGHT_TOLERANCE:g}). Export with {fix} "
+            f"to stay exact, or pass --allow-rounding to round them and have the error reported"
+        )
+
+    if zero_points == "uint8":
+        zp = spec.pack_zero_points(stored, bits)
+    else:
+        zp = np.ascontiguousarray(stored)
+    lin = NBitsLinear(
+        k=layer.in_features, n=layer.out_features, bits=bits, block_size=block_size,
+        b=spec.pack_b(codes, bits, block_size), scales=np.ascontiguousarray(scales), zero_points=zp,
+        perm=perm, bias=None if layer.bias is None else layer.bias.numpy().astype(io),
+    )
+    return lin, {"name": layer.name, "max_abs_error": max_err, "rel_error": rel, "rounded": bool(is_rounded)}
+
+
+# ------------------------------------------------------------------------------------ export
+
+def _check_options(zero_points: str, accuracy_level: int, dtype: str) -> None:
+    if zero_points not in spec.ZERO_POINT_KINDS:
+        raise ConfigError(f"--zero-points {zero_points!r} is not one of {list(spec.ZERO_POINT_KINDS)}")
+    if accuracy_level not in spec.ACCURACY_LEVELS:
+        raise ConfigError(f"--accuracy-level {accuracy_level!r} is not one of {list(spec.ACCURACY_LEVELS)}")
+    if dtype not in spec.DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {list(spec.DTYPES)}")
+
+
+def _tensor_np(model, name: str) -> np.ndarray:
+    t = model.read_tensor(name)
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return t.numpy()
+
+
+def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, overwrite: bool,
+                    metadata: dict) -> dict:
+    """Build the graph with ``linear`` (module name -> Linear) and write OUT_DIR atomically."""
+    import onnx
+
+    from .onnx_graph import ExternalData, build_decoder, decoder_config
+
+    cfg = decoder_config(model.model_config)
+    out = Path(out)
+    with atomic_output_dir(out, overwrite) as tmp:
+        external = ExternalData(tmp / DATA_FILE)
+        try:
+            proto = build_decoder(model.model_config, linear, lambda n: _tensor_np(model, n), external,
+                                  dtype=dtype, accuracy_level=accuracy_level, metadata=metadata)
+        finally:
+            external.close()
+        onnx.save(proto, str(tmp / MODEL_FILE))
+        copied = []
+        for fname in TOKENIZER_FILES:
+            src = Path(model.tokenizer_dir) / fname
+            if src.is_file():
+                shutil.copyfile(src, tmp / fname)
+                copied.append(fname)
+        gen_path = Path(model.tokenizer_dir) / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        write_genai_config(tmp, cfg, model.model_config, generation)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    return {"files": sizes, "tokenizer_files": copied,
+            "onnx_bytes": sizes[MODEL_FILE] + sizes[DATA_FILE]}
+
+
+def _graph_modules(model_config: dict) -> list[str]:
+    n = int(model_config["num_hidden_layers"])
+    return [f"model.layers.{i}.{p}" for i in range(n) for p in PROJECTIONS] + ["lm_head"]
+
+
+def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int = 0, dtype: str = "fp32",
+           overwrite: bool = False, allow_rounding: bool = False) -> dict:
+    """Write ``model`` (a :class:`MergedModel`) as an ONNX MatMulNBits decoder in ``out``.
+
+    Args:
+        model: the base with its adapter folded (``MergedModel.open(base, adapter)``).
+        out: output directory; refused if it exists unless ``overwrite``.
+        zero_points: "float" (exact, default) or "uint8" (packed; integral zeros only, else
+            ``allow_rounding``).
+        accuracy_level: MatMulNBits ``accuracy_level`` attribute (0 exact .. 4 int8 activations).
+        dtype: activation / scale dtype, "fp32" or "fp16".
+        allow_rounding: store zero-points a format cannot hold exactly, rounded, and report it.
+
+    Returns:
+        a JSON-able summary: options, bits / container / block size, act-order layers permuted,
+        per-format rounding (``max_weight_error``, ``rounded_layers``), file sizes.
+
+    Example::
+
+        summary = export(MergedModel.open("base", "adapter"), Path("out_onnx"))
+    """
+    from .onnx_graph import FloatLinear, decoder_config
+
+    _check_options(zero_points, accuracy_level, dtype)
+    decoder_config(model.model_config)  # unsupported architecture: refuse before any work
+    spec.container_bits(model.bits)
+    spec.block_size_for(model.group_size)
+    quantized = set(model.quantized_modules)
+    unused = sorted(quantized - set(_graph_modules(model.model_config)))
+    if unused:
+        raise UnsupportedModelError(
+            f"the base quantizes {len(unused)} module(s) the LLaMA decoder graph has no place for "
+            f"(first: {unused[0]}); the ONNX export supports q/k/v/o, gate/up/down and lm_head")
+    others = set(model.other_tensor_names())
+    stats: list[dict] = []
+    fold_shift = 0.0
+    permuted: list[str] = []
+
+    def linear(name: str):
+        nonlocal fold_shift
+        if name in quantized:
+            layer, fold = model.read_layer(name)
+            fold_shift = max(fold_shift, fold.max_abs_shift)
+            lin, st = encode_linear(layer, zero_points, dtype, allow_rounding)
+            stats.append(st)
+            if lin.perm is not None:
+                permuted.append(name)
+            return lin
+        if f"{name}.weight" not in others:
+            raise CheckpointError(f"{model.base.directory}: tensor {name}.weight is missing (neither quantized nor float)")
+        bias = _tensor_np(model, f"{name}.bias") if f"{name}.bias" in others else None
+        return FloatLinear(_tensor_np(model, f"{name}.weight"), bias)
+
+    metadata = {"qalora_export.format_version": METADATA_VERSION, "qalora_export.bits": model.bits,
+                "qalora_export.group_size": model.group_size, "qalora_export.zero_points": zero_points,
+                "qalora_export.dtype": dtype, "qalora_export.adapter": model.adapter is not None}
+    files = _write_artifact(model, out, linear, dtype, accuracy_level, overwrite, metadata)
+    rounded = [s["name"] for s in stats if s["rounded"]]
+    return {
+        "format": FORMAT,
+        "path": str(out),
+        "bits": model.bits,
+        "container_bits": spec.container_bits(model.bits),
+        "group_size": model.group_size,
+        "block_size": spec.block_size_for(model.group_size),
+        "zero_points": zero_points,
+        "dtype": dtype,
+        "accuracy_level": accuracy_level,
+        "quantized_layers": len(stats),
+        "act_order_permuted_layers": len(permuted),
+        "max_fold_shift_code_units": fold_shift,
+        "exact": not rounded,
+        "rounded_layers": rounded,
+        "max_weight_error": max((s["max_abs_error"] for s in stats), default=0.0),
+        "max_weight_rel_error": max((s["rel_error"] for s in stats), default=0.0),
+        **files,
+    }
+
+
+def export_float_reference(model, out: Path, *, dtype: str = "fp32", overwrite: bool = False) -> dict:
+    """The same decoder with every projection a float ``MatMul`` on the effective weight.
+
+    Not a product format: the fp32 reference for benchmarks and for telling the runtime's own
+    error from the export's. Weights are the record's ``scale * (q - zero')`` in ``dtype``.
+    """
+    from .onnx_graph import FloatLinear
+
+    _check_options("float", 0, dtype)
+    quantized = set(model.quantized_modules)
+    others = set(model.other_tensor_names())
+
+    def linear(name: str):
+        if name in quantized:
+            layer, _ = model.read_layer(name)
+            bias = None if layer.bias is None else layer.bias.numpy()
+            return FloatLinear(layer.dequantize(torch.float64).numpy().astype(spec.DTYPES[dtype]), bias)
+        bias = _tensor_np(model, f"{name}.bias") if f"{name}.bias" in others else None
+        return FloatLinear(_tensor_np(model, f"{name}.weight"), bias)
+
+    files = _write_artifact(model, out, linear, dtype, 0, overwrite,
+                            {"qalora_export.format_version": METADATA_VERSION, "qalora_export.float_reference": True})
+    return {"format": "onnx-float-reference", "path": str(out), "dtype": dtype, **files}
+
+
+# ------------------------------------------------------------------------------------ reading
+
+def _load_model_proto(out_dir: Path):
+    import onnx
+
+    path = Path(out_dir) / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir} has no {MODEL_FILE}; it is not an ONNX export of this tool")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable ONNX model: {exc}") from exc
+
+
+def _initializer_array(tensor, base_dir: Path) -> np.ndarray:
+    """An initializer's value, reading external data by offset/length (our own reader)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    path = base_dir / info["location"]
+    offset, length = int(info.get("offset", 0)), int(info["length"])
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    if count * np.dtype(dtype).itemsize != length:
+        raise CheckpointError(f"{path}: initializer {tensor.name} has {length} bytes for shape {list(tensor.dims)}")
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read external data of {tensor.name} from {path}: {exc}") from exc
+    if len(data) != length:
+        raise CheckpointError(f"{path} is truncated: initializer {tensor.name} needs bytes {offset}..{offset + length}")
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Decode every MatMulNBits node of ``out_dir/model.onnx`` into (module name, float64 ``[out, in]``).
+
+    Reads ``B``, scales and zero-points with this module's codec (``onnx_spec``), undoes an
+    act-order input ``Gather`` permutation, and yields the effective weight the node computes with.
+    """
+    from onnx import helper
+
+    out_dir = Path(out_dir)
+    proto = _load_model_proto(out_dir)
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+
+    def value(name: str, node_name: str) -> np.ndarray:
+        if name not in inits:
+            raise CheckpointError(f"{out_dir}: input {name} of MatMulNBits node {node_name} is not an initializer")
+        return _initializer_array(inits[name], out_dir)
+
+    for node in proto.graph.node:
+        if node.op_type != spec.OP_TYPE or node.domain != spec.OP_DOMAIN:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, bits, block_size = (int(attrs[a]) for a in ("K", "N", "bits", "block_size"))
+        k_blocks = -(-k // block_size)
+        b = value(node.input[1], node.name)
+        if b.shape != (n, k_blocks, block_size * bits // 8):
+            raise CheckpointError(f"{out_dir}: {node.name} B is {list(b.shape)}, expected {[n, k_blocks, block_size * bits // 8]}")
+        scales = value(node.input[2], node.name).astype(np.float64).reshape(n, k_blocks)
+        if len(node.input) > 3 and node.input[3]:
+            zp = value(node.input[3], node.name)
+            zeros = spec.unpack_zero_points(zp, bits, k_blocks) if zp.dtype == np.uint8 else zp.reshape(n, k_blocks)
+        else:
+            zeros = np.full((n, k_blocks), 1 << (bits - 1))
+        w = spec.dequantize(spec.unpack_b(b, bits, k), scales, zeros, block_size)
+        src = producers.get(node.input[0])
+        if src is not None and src.op_type == "Gather" and src.input[1] in inits:
+            perm = _initializer_array(inits[src.input[1]], out_dir).astype(np.int64)
+            unpermuted = np.empty_like(w)
+            unpermuted[:, perm] = w
+            w = unpermuted
+        yield node.name, torch.from_numpy(np.ascontiguousarray(w))
+
+
+# ------------------------------------------------------------------------------------ verify
+
+def _greedy_check(ref_tokens: list[int], margins: list[float], got: list[int], tie_limit: float) -> dict:
+    """Compare a greedy continuation with the reference's: identical, or diverging at a near-tie."""
+    first = next((i for i, (a, b) in enumerate(zip(ref_tokens, got)) if a != b), None)
+    if first is None and len(ref_tokens) != len(got):
+        first = min(len(ref_tokens), len(got))
+    if first is None:
+        return {"match": True, "near_tie": False, "tokens": got}
+    near_tie = first < len(margins) and margins[first] <= tie_limit
+    return {"match": False, "near_tie": bool(near_tie), "diverges_at": first,
+            "reference_margin": margins[first] if first < len(margins) else None, "tokens": got}
+
+
+def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Path,
+                   max_new_tokens: int = 8) -> dict:
+    """Run the artifact in onnxruntime (accuracy level 0) and onnxruntime-genai against the
+    unmerged PyTorch model ``build_model(model.base, model.adapter)``.
+
+    Measures, over ``prompts``: max |Δlogit| (absolute and relative to max |logit|), mean and max
+    KL(torch || onnx), top-1 agreement, KV-cache decoding vs full recomputation, and greedy
+    continuations (onnxruntime loop with KV cache, and onnxruntime-genai) vs the PyTorch greedy
+    continuation. An artifact exported at another accuracy level runs through a level-0 view
+    in ``workdir`` (same weights). ``passed`` applies the tolerances of ``onnx_spec``: a top-1 or
+    greedy disagreement passes only at a near-tie (reference top-2 margin within
+    ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|).
+    """
+    from qalora_export.metrics import compare_logits
+    from qalora_export.model import build_model
+    from qalora_export.runtimes import onnxrt
+
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("verify needs at least one non-empty prompt")
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    view = onnxrt.at_accuracy_level(Path(artifact), 0, workdir / "onnx_level0")
+    ref = build_model(model.base, model.adapter)
+    eos = onnxrt.eos_ids(view)
+    decoder = onnxrt.OrtDecoder(view)
+    ref_all, ort_all, kv_all, greedy = [], [], [], []
+    try:
+        for prompt in prompts:
+            with torch.no_grad():
+                ref_all.append(ref(torch.tensor([prompt])).logits[0].to(torch.float64).numpy())
+            ort_all.append(decoder.logits(prompt).astype(np.float64))
+            kv_all.append(decoder.incremental_logits(prompt, prefill=max(1, len(prompt) // 2)).astype(np.float64))
+            ref_tokens, margins = onnxrt.torch_greedy(ref, prompt, max_new_tokens, eos)
+            greedy.append((ref_tokens, margins, decoder.greedy(prompt, max_new_tokens, eos),
+                           onnxrt.genai_greedy(view, prompt, max_new_tokens)))
+    finally:
+        decoder.close()
+    logits = compare_logits(ref_all, ort_all)
+    kv = compare_logits(ort_all, kv_all)
+    logit_scale = max(float(np.abs(r).max()) for r in ref_all) or 1.0
+    tie_limit = spec.NEAR_TIE_FACTOR * logits.max_abs_logit_diff
+    # top-1 disagreements only at positions whose reference top-2 margin is a near-tie
+    top1_bad = 0
+    for r, o in zip(ref_all, ort_all):
+        top2 = np.sort(r, axis=-1)[:, -2:]
+        bad = (r.argmax(-1) != o.argmax(-1)) & ((top2[:, 1] - top2[:, 0]) > tie_limit)
+        top1_bad += int(bad.sum())
+    ort_greedy = [_greedy_check(t, m, o, tie_limit) for t, m, o, _ in greedy]
+    genai_greedy = [_greedy_check(t, m, g, tie_limit) for t, m, _, g in greedy]
+    checks = {
+        "max_dlogit_rel": logits.max_abs_logit_diff / logit_scale <= spec.RUNTIME_MAX_DLOGIT_REL,
+        "mean_kl": logits.mean_kl <= spec.RUNTIME_MAX_KL,
+        "top1": top1_bad == 0,
+        "kv_cache": kv.max_abs_logit_diff / logit_scale <= spec.RUNTIME_KV_MAX_DLOGIT_REL,
+        "greedy_onnxruntime": all(g["match"] or g["near_tie"] for g in ort_greedy),
+        "greedy_genai": all(g["match"] or g["near_tie"] for g in genai_greedy),
+    }
+    return {
+        "runtime": "onnxruntime " + _version("onnxruntime") + ", onnxruntime-genai " + _version("onnxruntime_genai"),
+        "providers": list(onnxrt.default_providers()),
+        "accuracy_level": 0,
+        "prompts": len(prompts),
+        "logits": {**logits.to_json(), "max_abs_logit_diff_rel": logits.max_abs_logit_diff / logit_scale},
+        "kv_cache_vs_full": {"max_abs_logit_diff": kv.max_abs_logit_diff,
+                             "max_abs_logit_diff_rel": kv.max_abs_logit_diff / logit_scale},
+        "top1_disagreements_not_near_tie": top1_bad,
+        "greedy": {
+            "reference": [t for t, _, _, _ in greedy],
+            "onnxruntime": ort_greedy,
+            "onnxruntime_genai": genai_greedy,
+            "exact_match_onnxruntime": sum(g["match"] for g in ort_greedy),
+            "exact_match_genai": sum(g["match"] for g in genai_greedy),
+        },
+        "tolerances": {"max_dlogit_rel": spec.RUNTIME_MAX_DLOGIT_REL, "mean_kl": spec.RUNTIME_MAX_KL,
+                       "kv_max_dlogit_rel": spec.RUNTIME_KV_MAX_DLOGIT_REL, "near_tie_factor": spec.NEAR_TIE_FACTOR},
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - a version string is informational only
+        return "?"
