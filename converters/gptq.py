@@ -213,3 +213,78 @@ def declared_weight(model: MergedModel, name: str, artifact_meta: dict) -> torch
     rounded, _ = integer_zeros(folded, fmt if fmt in CHECKPOINT_FORMATS else "gptq_v2",
                                clamp=artifact_meta.get("zeros_clamped", 0) > 0)
     return rounded.dequantize(torch.float64)
+
+
+# --------------------------------------------------------------------------------------- runtime
+
+# Runtime level (DESIGN.md §4): GPTQModel's torch kernel dequantizes in fp16, so even the plain
+# base differs from our float64-exact PyTorch model by a floor measured in the same run (base in
+# GPTQModel vs base in PyTorch). The artifact must stay within FLOOR_FACTOR x that floor (+ eps
+# for floors that are exactly 0, as with 2-bit codes whose fp16 products are exact).
+FLOOR_FACTOR = 4.0
+FLOOR_EPS_LOGIT = 1e-3
+FLOOR_EPS_KL = 1e-6
+MIN_TOP1 = 0.98
+GREEDY_TOKENS = 12
+
+
+def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]], workdir: Path,
+                   device: str = "cpu") -> dict:
+    """Load ``artifact`` in transformers + GPTQModel and compare it with the unmerged model.
+
+    Three comparisons, all on the same prompts:
+
+    - ``floor``: the base checkpoint in GPTQModel vs the base in our PyTorch model;
+    - ``artifact_vs_declared``: the artifact in GPTQModel vs our PyTorch model of the weights the
+      merge declared (the exact fold, or its announced rounding) — gated against the floor;
+    - ``artifact_vs_unmerged``: vs the unmerged model (base + adapter) — gated against the floor
+      when the merge is exact; when it rounded, reported as the measured cost of rounding (and
+      gated only by ``require_exact``, which the caller applies).
+    """
+    from qalora_export.metrics import compare_logits, greedy_match, within_floor
+    from qalora_export.model import build_model
+    from qalora_export.runtimes.gptq_runtime import load_gptq_model, model_greedy, model_logits
+
+    meta = merge_metadata(artifact)
+    exact = bool(meta.get("exact", True))
+
+    unmerged = build_model(model.base, model.adapter)
+    ref_logits = model_logits(unmerged, prompts)
+    ref_greedy = model_greedy(unmerged, prompts, GREEDY_TOKENS)
+    if model.adapter is not None:
+        base_logits = model_logits(build_model(model.base, None), prompts)
+    else:
+        base_logits = ref_logits
+    del unmerged
+
+    runtime_base = load_gptq_model(model.base.directory, device)
+    floor = compare_logits(base_logits, model_logits(runtime_base, prompts))
+    del runtime_base
+
+    runtime = load_gptq_model(artifact, device)
+    art_logits = model_logits(runtime, prompts)
+    art_greedy = model_greedy(runtime, prompts, GREEDY_TOKENS)
+    del runtime
+
+    declared_logits = ref_logits if exact else model_logits(build_model(artifact, None), prompts)
+    vs_declared = compare_logits(declared_logits, art_logits)
+    vs_unmerged = compare_logits(ref_logits, art_logits)
+
+    def gate(cmp) -> bool:
+        return (within_floor(cmp.max_abs_logit_diff, floor.max_abs_logit_diff, FLOOR_FACTOR, FLOOR_EPS_LOGIT)
+                and within_floor(cmp.mean_kl, floor.mean_kl, FLOOR_FACTOR, FLOOR_EPS_KL)
+                and cmp.top1_agreement >= MIN_TOP1 * floor.top1_agreement)
+
+    declared_ok = gate(vs_declared)
+    unmerged_ok = gate(vs_unmerged) if exact else None
+    return {
+        "runtime": f"transformers + GPTQModel ({'gptq_torch, float32' if device == 'cpu' else device})",
+        "exact_merge": exact,
+        "floor": floor.to_json(),
+        "artifact_vs_declared": {**vs_declared.to_json(), "passed": declared_ok},
+        "artifact_vs_unmerged": {**vs_unmerged.to_json(), "passed": unmerged_ok,
+                                 "greedy_match": greedy_match(ref_greedy, art_greedy)},
+        "rule": f"max|dlogit| <= {FLOOR_FACTOR} x floor + {FLOOR_EPS_LOGIT}, KL <= {FLOOR_FACTOR} x floor + "
+                f"{FLOOR_EPS_KL}, top-1 >= {MIN_TOP1} x floor's",
+        "passed": bool(declared_ok and (unmerged_ok is not False)),
+    }

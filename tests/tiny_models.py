@@ -113,17 +113,18 @@ def make_random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, alpha: flo
         rec = ckpt.read_layer(name)
         G, out = rec.num_groups, rec.out_features
         if integral_shift:
-            r = G
             k = pooling_factor(pooling, rec.in_features, rec.in_features // G)
             s = alpha / rank
-            if r != rank:
-                raise ValueError(f"integral_shift needs rank == groups ({G}) for {name}")
+            if rank < G:
+                raise ValueError(f"integral_shift needs rank >= groups ({G}) for {name}")
             shift = torch.randint(-1, 2, (G, out), generator=gen).to(torch.float64)  # [G, out]
             lo = 1 if ckpt.config.checkpoint_format == "gptq" else 0
             moved = rec.zeros - shift
             shift = torch.where((moved < lo) | (moved > (1 << rec.bits) - 1), 0.0, shift)  # stay in range
-            a = torch.eye(G, dtype=torch.float64)  # [r, L]
-            b = (shift * rec.scales.to(torch.float64)).T / (s * k)  # [out, r]: B@A = shift*scale/(s k)
+            a = torch.eye(rank, G, dtype=torch.float64)  # [r, L]: B @ A = B[:, :G]
+            b = torch.zeros(out, rank, dtype=torch.float64)
+            # B @ A = shift * scale / (s k), so the fold moves each zero by exactly -shift
+            b[:, :G] = (shift * rec.scales.to(torch.float64)).T / (s * k)
             layers[name] = AdapterLayer(lora_A=a.to(torch.float32), lora_B=b.to(torch.float32))
         else:
             a = torch.randn(rank, G, generator=gen) * magnitude

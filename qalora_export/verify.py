@@ -1,0 +1,187 @@
+"""The verification gate (DESIGN.md §4): an artifact against the unmerged model, two levels.
+
+1. Weights: every quantized tensor decoded by the format's own reader (``read_weights``) is
+   compared with (a) what the merge declared it holds (the exact fold, or its announced rounding)
+   — within the format's ``WEIGHT_TOLERANCE`` — and (b) the unmerged effective weight
+   ``W_hat + dW``, reported per layer.
+2. Runtime: the format's ``verify_runtime`` loads the artifact in its real runtime and compares
+   logits and greedy continuations with the unmerged PyTorch model, judged against a noise floor
+   measured in the same run.
+
+The report is one JSON object (plus a markdown rendering); ``passed`` is False on any failure
+and the CLI then exits non-zero. A tolerance failure is a failure, never a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .errors import ConfigError
+from .merged import MergedModel
+
+FIXED_PROMPTS = (
+    "What is the capital of France?",
+    "Convert the sentence to record code.\n\nAnna is 29 years old and lives in Rome.",
+    "Write one sentence about the sea.",
+    "List three prime numbers.",
+)
+
+
+def detect_format(path: Path) -> str:
+    """``gptq`` for a checkpoint directory, ``onnx`` for a directory with model.onnx, ``gguf`` for a file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "gptq"
+    raise ConfigError(f"cannot tell the format of {path}: expected a GPTQ checkpoint directory, "
+                      f"an ONNX directory with model.onnx, or a .gguf file")
+
+
+def fixed_prompts(tokenizer_dir: Path, max_tokens: int = 48) -> list[list[int]]:
+    """The fixed verification prompts as token ids (chat template when the tokenizer has one)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = []
+    for text in FIXED_PROMPTS:
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+        out.append(list(ids)[:max_tokens])
+    return out
+
+
+def weight_report(model: MergedModel, converter, artifact: Path) -> dict:
+    """Level 1: decode the artifact and compare with the declared and the unmerged weights."""
+    meta = converter.merge_metadata(artifact) if hasattr(converter, "merge_metadata") else {}
+    tolerance = converter.WEIGHT_TOLERANCE
+    layers = {}
+    passed = True
+    seen = set()
+    for name, decoded in converter.read_weights(artifact):
+        seen.add(name)
+        if name not in model.quantized_modules:
+            layers[name] = {"passed": False, "error": "not a quantized layer of the base"}
+            passed = False
+            continue
+        reference = model.reference_weight(name)
+        if hasattr(converter, "declared_weight"):
+            declared = converter.declared_weight(model, name, meta)
+        else:
+            declared = model.read_layer(name)[0].dequantize(torch.float64)
+        decoded = decoded.to(torch.float64)
+        if decoded.shape != reference.shape:
+            layers[name] = {"passed": False, "error": f"shape {tuple(decoded.shape)} != {tuple(reference.shape)}"}
+            passed = False
+            continue
+        scale = float(reference.abs().max()) or 1.0
+        err_declared = float((decoded - declared).abs().max())
+        err_unmerged = float((decoded - reference).abs().max())
+        allowed = tolerance(model, name) if callable(tolerance) else tolerance * scale
+        ok = err_declared <= allowed
+        passed &= ok
+        layers[name] = {"max_abs_vs_declared": err_declared, "allowed": allowed,
+                        "max_abs_vs_unmerged": err_unmerged, "rel_vs_unmerged": err_unmerged / scale,
+                        "passed": ok}
+    missing = sorted(set(model.quantized_modules) - seen)
+    if missing:
+        passed = False
+    worst = max(layers.values(), key=lambda r: r.get("rel_vs_unmerged", float("inf")), default={})
+    return {
+        "passed": passed,
+        "layers_checked": len(layers),
+        "missing_layers": missing,
+        "max_abs_vs_declared": max((r.get("max_abs_vs_declared", float("inf")) for r in layers.values()), default=0.0),
+        "max_abs_vs_unmerged": max((r.get("max_abs_vs_unmerged", float("inf")) for r in layers.values()), default=0.0),
+        "max_rel_vs_unmerged": worst.get("rel_vs_unmerged", 0.0),
+        "merge": meta,
+        "per_layer": layers,
+    }
+
+
+def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] = None,
+                    pooling: Optional[str] = None, device: str = "cpu", fmt: Optional[str] = None,
+                    require_exact: bool = False, runtime: bool = True,
+                    progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Run the gate on ``artifact``; returns the report (``report["passed"]``)."""
+    from qalora_export.converters import get_converter
+
+    artifact = Path(artifact)
+    fmt = fmt or detect_format(artifact)
+    converter = get_converter(fmt)
+    model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
+    if progress:
+        progress("weights")
+    weights = weight_report(model, converter, artifact)
+    report = {
+        "artifact": str(artifact),
+        "format": fmt,
+        "base": str(base_dir),
+        "adapter": str(adapter_dir) if adapter_dir else None,
+        "device": device,
+        "weights": weights,
+    }
+    passed = weights["passed"]
+    merge = weights.get("merge") or {}
+    if require_exact and (merge.get("exact") is False):
+        report["require_exact"] = {"passed": False,
+                                   "reason": f"the merge rounded {merge.get('zeros_moved')} zero-points"}
+        passed = False
+    if runtime:
+        if progress:
+            progress("runtime")
+        prompts = fixed_prompts(model.tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="qalora-verify-") as workdir:
+            kwargs = {"device": device} if fmt == "gptq" else {}
+            result = converter.verify_runtime(model, artifact, prompts, Path(workdir), **kwargs)
+        report["runtime"] = result
+        passed = passed and bool(result.get("passed"))
+    report["passed"] = bool(passed)
+    return report
+
+
+def write_report(report: dict, path: Path) -> tuple[Path, Path]:
+    """Write ``report`` as JSON at ``path`` and as markdown next to it (``.md``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float) + "\n")
+    md = path.with_suffix(".md")
+    md.write_text(render_markdown(report))
+    return path, md
+
+
+def render_markdown(report: dict) -> str:
+    """A short human summary of a verify report."""
+    w = report["weights"]
+    lines = [
+        f"# verify: {report['artifact']} ({report['format']})",
+        "",
+        f"**{'PASSED' if report['passed'] else 'FAILED'}** — base `{report['base']}`, adapter `{report['adapter']}`",
+        "",
+        "| level | check | value | passed |",
+        "|---|---|---|---|",
+        f"| weights | max abs vs declared merge ({w['layers_checked']} layers) | {w['max_abs_vs_declared']:.3e} | {w['passed']} |",
+        f"| weights | max abs vs unmerged (W_hat + dW) | {w['max_abs_vs_unmerged']:.3e} | (reported) |",
+    ]
+    rt = report.get("runtime")
+    if rt:
+        for key, value in rt.items():
+            if isinstance(value, dict) and "mean_kl" in value:
+                lines.append(
+                    f"| runtime | {key}: max abs dlogit / mean KL / top-1 | "
+                    f"{value['max_abs_logit_diff']:.3e} / {value['mean_kl']:.2e} / {value['top1_agreement']:.3f} | "
+                    f"{value.get('passed', '(floor)')} |")
+        lines.append(f"\nRule: {rt.get('rule', '')}\n")
+    return "\n".join(lines) + "\n"
