@@ -1,0 +1,240 @@
+"""The GGUF (llama.cpp) format as this project writes it: block layouts, names, keys, tolerances.
+
+Everything format-specific that ``gguf.py`` needs lives here as data or as a small pure function;
+no bit mask, block size or tensor name appears outside this module.
+
+Q4_1 block (ggml ``block_q4_1``, 32 weights, 20 bytes, little-endian)::
+
+    offset  size  field
+    0       2     d   fp16   scale
+    2       2     m   fp16   minimum (value of code 0)
+    4       16    qs  uint8  qs[j] = q[j] | q[j + 16] << 4,  j = 0..15
+
+    value[j] = d * q[j] + m
+
+A row of ``in`` weights is ``in / 32`` consecutive blocks; a tensor ``[out, in]`` is stored as
+uint8 ``[out, in / 32 * 20]``. With ``d = scale[g, o]`` and ``m = -scale[g, o] * zero'[g, o]``
+(DESIGN.md §3) a block holds ``scale * (q - zero')`` exactly up to fp16 rounding of ``m`` as long
+as the 32 columns of a block lie in one quantization group: ``group_size % 32 == 0`` and groups
+are runs of consecutive columns (no act-order). 2-, 3- and 4-bit codes all fit the 4-bit field.
+
+LLaMA q/k row permutation: llama.cpp applies rotary embeddings to interleaved pairs
+``(2i, 2i+1)``, transformers to halves ``(i, i + d/2)``; the converter reorders the output rows
+of ``q_proj`` and ``k_proj`` (and their biases) so both compute the same attention:
+``w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)`` with
+``heads`` the attention heads for q and the key/value heads for k.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------ Q4_1 blocks
+
+QK4_1 = 32  # weights per block
+Q4_1_HALF = QK4_1 // 2  # byte j holds codes j (low nibble) and j + 16 (high nibble)
+Q4_1_BLOCK_BYTES = 2 + 2 + Q4_1_HALF  # fp16 d, fp16 m, 16 bytes of nibbles
+Q4_1_MAX_CODE = 15
+NIBBLE_MASK = 0x0F
+NIBBLE_SHIFT = 4
+FP16_MAX = 65504.0
+
+# Bits whose codes fit the 4-bit field of a Q4_1 block without requantization.
+Q4_1_BITS = (2, 3, 4)
+
+
+def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Pack codes and per-block ``d``/``m`` into Q4_1 blocks.
+
+    Args:
+        codes: uint8 ``[rows, cols]`` with values in ``0..15``; ``cols % 32 == 0``.
+        d: float16 ``[rows, cols / 32]`` block scales.
+        m: float16 ``[rows, cols / 32]`` block minima.
+
+    Returns:
+        uint8 ``[rows, cols / 32 * 20]``, the bytes llama.cpp reads.
+    """
+    rows, cols = codes.shape
+    if cols % QK4_1:
+        raise ValueError(f"Q4_1 rows must be a multiple of {QK4_1} values, got {cols}")
+    nb = cols // QK4_1
+    if d.shape != (rows, nb) or m.shape != (rows, nb):
+        raise ValueError(f"d and m must be [{rows}, {nb}], got {d.shape} and {m.shape}")
+    q = np.ascontiguousarray(codes, dtype=np.uint8).reshape(rows, nb, QK4_1)
+    qs = (q[..., :Q4_1_HALF] & NIBBLE_MASK) | (q[..., Q4_1_HALF:] << NIBBLE_SHIFT)
+    blocks = np.empty((rows, nb, Q4_1_BLOCK_BYTES), dtype=np.uint8)
+    blocks[..., 0:2] = np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(rows, nb, 2)
+    blocks[..., 2:4] = np.ascontiguousarray(m, dtype="<f2").view(np.uint8).reshape(rows, nb, 2)
+    blocks[..., 4:] = qs
+    return blocks.reshape(rows, nb * Q4_1_BLOCK_BYTES)
+
+
+def unpack_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`pack_q4_1`: uint8 ``[rows, nb * 20]`` -> (codes ``[rows, nb*32]``, d, m)."""
+    rows, nbytes = blocks.shape
+    if nbytes % Q4_1_BLOCK_BYTES:
+        raise ValueError(f"Q4_1 rows must be a multiple of {Q4_1_BLOCK_BYTES} bytes, got {nbytes}")
+    nb = nbytes // Q4_1_BLOCK_BYTES
+    b = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(rows, nb, Q4_1_BLOCK_BYTES)
+    d = b[..., 0:2].copy().view("<f2").reshape(rows, nb)
+    m = b[..., 2:4].copy().view("<f2").reshape(rows, nb)
+    qs = b[..., 4:]
+    codes = np.concatenate([qs & NIBBLE_MASK, qs >> NIBBLE_SHIFT], axis=-1)
+    return codes.reshape(rows, nb * QK4_1), d, m
+
+
+def dequantize_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks ``[rows, nb * 20]`` -> float64 ``[rows, nb * 32]`` (``d * q + m``)."""
+    codes, d, m = unpack_q4_1(blocks)
+    rows = codes.shape[0]
+    q = codes.reshape(rows, -1, QK4_1).astype(np.float64)
+    w = q * d.astype(np.float64)[..., None] + m.astype(np.float64)[..., None]
+    return w.reshape(rows, -1)
+
+
+# ---------------------------------------------------------------------------------- tolerances
+
+# Weight level. Per weight, |W_gguf - W_ref| <= |m16 - m| + q * |d16 - scale|. Scales come from
+# fp16 checkpoint fields, so d16 == scale exactly; m16 is m rounded to nearest fp16, whose error
+# is at most half an ulp: 2**-11 * |m| for normal numbers, 2**-25 below 2**-14. |m| is the value of
+# code 0 of the block, |m| = scale * |zero'|; for an RTN/GPTQ grid and the zero shifts a trained
+# adapter makes, |m| stays within the layer's weight range, so we check, per layer,
+#     max |W_gguf - W_ref| <= WEIGHT_TOLERANCE * max |W_ref| + WEIGHT_ATOL
+# with a factor-2 margin on 2**-11 for m that exceed the layer max (a group with codes far from 0).
+# ``export`` also reports the exact rounding it made (``max_m_rounding``).
+M_ROUNDING_REL = 2.0 ** -11  # half an fp16 ulp, relative
+WEIGHT_TOLERANCE = 2.0 ** -10  # relative to max |W_ref| of the layer
+WEIGHT_ATOL = 2.0 ** -24  # fp16 subnormal half-ulp (2**-25) plus float32 evaluation slack
+
+# Runtime level (DESIGN.md §4). llama.cpp quantizes activations to 8 bits for Q4_1 dot products, so
+# a Q4_1 artifact is judged against the same llama.cpp run on the base exported the same way with
+# no adapter (the fold is then the identity), compared with the PyTorch base: the noise floor.
+#     passed  <=>  mean KL(artifact vs unmerged PyTorch) <= KL_FLOOR_FACTOR * mean KL(floor) + KL_EPSILON
+# KL in nats per position (reference distribution first). The factor allows the adapter to move
+# logits into regions with slightly different activation-rounding noise; the epsilon keeps a
+# near-zero floor (tiny models, F32 files) from turning float32 noise into a failure.
+KL_FLOOR_FACTOR = 3.0
+KL_EPSILON = 1e-4
+
+# ------------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers ``model_type`` maps onto a llama.cpp architecture."""
+
+    gguf_arch: str  # value of general.architecture, prefix of the hyperparameter keys
+    permute_qk: bool  # llama.cpp uses interleaved (NORM) rope for this arch: permute q/k rows
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", permute_qk=True),
+    # llama.cpp runs Mistral as "llama" (it has no sliding-window attention for it: see gguf.py).
+    "mistral": ArchSpec("llama", permute_qk=True),
+}
+
+# rope_type values of transformers' rope config and what the converter does with them.
+ROPE_TYPES_SUPPORTED = ("default", "linear", "llama3")
+
+# ------------------------------------------------------------------------------- tensor names
+
+# transformers module / tensor names -> llama.cpp tensor names (gguf-py's TENSOR_NAMES spelling).
+GLOBAL_TENSORS: dict[str, str] = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+BLOCK_TENSORS: dict[str, str] = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+BLOCK_LINEARS: dict[str, str] = {  # module suffix -> llama.cpp tensor stem (".weight" / ".bias" added)
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
+TOKEN_EMBD_TENSOR = "token_embd.weight"
+OUTPUT_TENSOR = "output.weight"
+# Tensors of a transformers checkpoint that llama.cpp recomputes itself.
+IGNORED_TENSOR_PATTERN = re.compile(r".*rotary_emb\.inv_freq$")
+
+_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_linear_name(module: str) -> Optional[str]:
+    """``model.layers.3.self_attn.q_proj`` -> ``blk.3.attn_q`` (None when not a block linear)."""
+    match = _BLOCK_RE.match(module)
+    if not match or match.group(2) not in BLOCK_LINEARS:
+        return None
+    return f"blk.{match.group(1)}.{BLOCK_LINEARS[match.group(2)]}"
+
+
+def hf_linear_name(gguf_tensor: str) -> Optional[str]:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj`` (None otherwise)."""
+    match = _GGUF_BLOCK_RE.match(gguf_tensor)
+    if not match or not match.group(2).endswith(".weight"):
+        return None
+    stem = match.group(2)[: -len(".weight")]
+    for hf, gg in BLOCK_LINEARS.items():
+        if gg == stem:
+            return f"model.layers.{match.group(1)}.{hf}"
+    return None
+
+
+def gguf_tensor_name(key: str) -> Optional[str]:
+    """A non-quantized checkpoint tensor (norms, embeddings, float linears) -> its llama.cpp name.
+
+    Returns None for tensors llama.cpp does not need (rotary inv_freq).
+    """
+    if IGNORED_TENSOR_PATTERN.match(key):
+        return None
+    if key in GLOBAL_TENSORS:
+        return GLOBAL_TENSORS[key]
+    match = _BLOCK_RE.match(key)
+    if match:
+        rest = match.group(2)
+        if rest in BLOCK_TENSORS:
+            return f"blk.{match.group(1)}.{BLOCK_TENSORS[rest]}"
+        module, _, suffix = rest.rpartition(".")
+        if module in BLOCK_LINEARS and suffix in ("weight", "bias"):
+            return f"blk.{match.group(1)}.{BLOCK_LINEARS[module]}.{suffix}"
+    raise KeyError(key)
+
+
+def qk_heads(module: str, n_head: int, n_head_kv: int) -> Optional[int]:
+    """Head count the llama.cpp row permutation uses for ``module``; None when not q/k."""
+    if module.endswith("self_attn.q_proj"):
+        return n_head
+    if module.endswith("self_attn.k_proj"):
+        return n_head_kv
+    return None
+
+
+def qk_row_permutation(rows: int, heads: int) -> np.ndarray:
+    """Index ``p`` (int64 ``[rows]``) with ``w_llamacpp = w_hf[p]`` (see module docstring)."""
+    if rows % (2 * heads):
+        raise ValueError(f"{rows} rows cannot be split into {heads} heads of rotary pairs")
+    idx = np.arange(rows, dtype=np.int64)
+    return idx.reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
+
+
+# ------------------------------------------------------------------------------ file type codes
+
+# general.file_type (llama_ftype) for what the projections are stored as.
+FILE_TYPES = {"q4_1": 3, "f32": 0, "f16": 1}
+WEIGHTS_DTYPES = tuple(FILE_TYPES)
+EMBEDDING_DTYPES = ("f16", "f32", "q8_0")
+QUANTIZATION_VERSION = 2  # general.quantization_version of current ggml block layouts
+
+# Our own provenance keys (GGUF allows any key; llama.cpp ignores unknown ones).
+KEY_PREFIX = "qalora_export."
