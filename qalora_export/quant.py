@@ -106,14 +106,18 @@ def quantize_rtn(name: str, weight: torch.Tensor, bits: int, group_size: int,
             must have ``group_size`` columns); default ``i // group_size``.
         min_zero: smallest zero-point allowed (1 for the v1 "gptq" format, which cannot store 0).
     """
+    if weight.ndim != 2:
+        raise ConfigError(f"{name}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     check_quant_args(name, in_features, bits, group_size)
     n_groups = in_features // group_size
     if g_idx is None:
         g_idx = contiguous_g_idx(in_features, group_size)
     g_idx = g_idx.to(torch.int64)
-    counts = torch.bincount(g_idx, minlength=n_groups)
-    if g_idx.shape != (in_features,) or len(counts) != n_groups or bool((counts != group_size).any()):
+    # bincount needs a 1-D non-negative input: check those first, so bad input is a ConfigError.
+    valid = g_idx.shape == (in_features,) and (in_features == 0 or int(g_idx.min()) >= 0)
+    counts = torch.bincount(g_idx, minlength=n_groups) if valid else torch.empty(0)
+    if not valid or len(counts) != n_groups or bool((counts != group_size).any()):
         raise ConfigError(f"{name}: g_idx must assign exactly {group_size} columns to each of {n_groups} groups")
     order = torch.argsort(g_idx, stable=True)  # columns grouped: order[g*gs:(g+1)*gs] are group g
     maxq = (1 << bits) - 1
