@@ -107,7 +107,11 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
     if unexpected:
         raise UnsupportedModelError(f"{ckpt.directory}: tensors {unexpected[:3]} match no module of {config.model_type}")
     tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
-    real_missing = [k for k in missing if not (tied and k == "lm_head.weight") and "rotary_emb" not in k]
+    # Adapter factors are not base tensors: they were initialised or loaded above.
+    adapter_params = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, QALoRALinear) and m.rank
+                      for p in ("lora_A", "lora_B")}
+    real_missing = [k for k in missing if not (tied and k == "lm_head.weight") and "rotary_emb" not in k
+                    and k not in adapter_params]
     if real_missing:
         from .errors import CheckpointError
         raise CheckpointError(f"{ckpt.directory}: tensors missing from the checkpoint: {real_missing[:5]}")
