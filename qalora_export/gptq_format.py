@@ -39,7 +39,7 @@ from safetensors import safe_open
 
 from .errors import CheckpointError, ConfigError, FormatLimitError
 from .io_utils import read_json
-from .packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from .packing import SUPPORTED_BITS, cycle_codes, pack_codes, unpack_codes
 from .quant import QuantizedLinear
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -158,6 +158,12 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig
             raise CheckpointError(f"{name}.{suffix}: expected a 2-D {dtypes[0]} tensor, got {t.dtype} {tuple(t.shape)}")
     bits = config.bits
     out_features = int(qweight.shape[1])
+    words_per_cycle = cycle_codes(bits) * bits // 32
+    if qweight.shape[0] % words_per_cycle:
+        raise CheckpointError(
+            f"{name}.qweight: {qweight.shape[0]} rows is not a whole number of {bits}-bit packing cycles "
+            f"({words_per_cycle} words each); the tensor does not hold {bits}-bit codes (check `bits` in the config)"
+        )
     in_features = in_features or int(qweight.shape[0]) * 32 // bits
     group_size = in_features if config.group_size == -1 else config.group_size
     if in_features % group_size:
@@ -323,7 +329,11 @@ def _index_tensors(directory: Path) -> dict[str, Path]:
         files: dict[str, Path] = {}
         headers: dict[str, set[str]] = {}
         for key, fname in weight_map.items():
-            path = directory / str(fname)
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(
+                    f"{index_path}: {key} maps to {fname!r}, which is not a file name inside {directory}"
+                )
+            path = directory / fname
             if str(fname) not in headers:
                 headers[str(fname)] = set(_header_keys(path))
             if key not in headers[str(fname)]:
@@ -402,6 +412,8 @@ class CheckpointWriter:
 
     def finish(self) -> list[str]:
         """Write the last shard and, for several shards, the index; return the file names."""
+        if self._finished:
+            raise RuntimeError("CheckpointWriter.finish called twice; the checkpoint is already written")
         if self._pending or not self._shards:
             self._flush()
         self._finished = True
