@@ -50,6 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 METADATA_VERSION = "1"
+MERGE_METADATA_KEY = "qalora_export.merge"  # metadata_props entry: JSON of what the export rounded
 
 
 # ------------------------------------------------------------------------------------ encoding
@@ -149,7 +150,9 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
         b=spec.pack_b(codes, bits, block_size), scales=np.ascontiguousarray(scales), zero_points=zp,
         perm=perm, bias=None if layer.bias is None else layer.bias.numpy().astype(io),
     )
-    return lin, {"name": layer.name, "max_abs_error": max_err, "rel_error": rel, "rounded": bool(is_rounded)}
+    moved = int((stored64 != zeros64).sum()) if is_rounded else 0
+    return lin, {"name": layer.name, "max_abs_error": max_err, "rel_error": rel, "rounded": bool(is_rounded),
+                 "zeros_moved": moved}
 
 
 # ------------------------------------------------------------------------------------ export
@@ -171,8 +174,12 @@ def _tensor_np(model, name: str) -> np.ndarray:
 
 
 def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, overwrite: bool,
-                    metadata: dict) -> dict:
-    """Build the graph with ``linear`` (module name -> Linear) and write OUT_DIR atomically."""
+                    metadata: dict, late_metadata=None) -> dict:
+    """Build the graph with ``linear`` (module name -> Linear) and write OUT_DIR atomically.
+
+    ``late_metadata()`` is called after the graph is built (when every layer has been encoded)
+    and its entries are added to ``metadata_props``.
+    """
     import onnx
 
     from .onnx_graph import ExternalData, build_decoder, decoder_config
@@ -186,6 +193,9 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
                                   dtype=dtype, accuracy_level=accuracy_level, metadata=metadata)
         finally:
             external.close()
+        for key, value in (late_metadata() if late_metadata else {}).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         onnx.save(proto, str(tmp / MODEL_FILE))
         copied = []
         for fname in TOKENIZER_FILES:
@@ -262,8 +272,21 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
     metadata = {"qalora_export.format_version": METADATA_VERSION, "qalora_export.bits": model.bits,
                 "qalora_export.group_size": model.group_size, "qalora_export.zero_points": zero_points,
                 "qalora_export.dtype": dtype, "qalora_export.adapter": model.adapter is not None}
-    files = _write_artifact(model, out, linear, dtype, accuracy_level, overwrite, metadata)
-    rounded = [s["name"] for s in stats if s["rounded"]]
+    def merge_record() -> dict:
+        rounded = [s["name"] for s in stats if s["rounded"]]
+        record = {
+            "zero_points": zero_points,
+            "dtype": dtype,
+            "exact": not rounded,
+            "rounded_layers": rounded,
+            "zeros_moved": sum(s["zeros_moved"] for s in stats),
+            "max_weight_error": max((s["max_abs_error"] for s in stats), default=0.0),
+            "max_weight_rel_error": max((s["rel_error"] for s in stats), default=0.0),
+        }
+        return record
+
+    files = _write_artifact(model, out, linear, dtype, accuracy_level, overwrite, metadata,
+                            lambda: {MERGE_METADATA_KEY: json.dumps(merge_record())})
     return {
         "format": FORMAT,
         "path": str(out),
@@ -277,10 +300,7 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
         "quantized_layers": len(stats),
         "act_order_permuted_layers": len(permuted),
         "max_fold_shift_code_units": fold_shift,
-        "exact": not rounded,
-        "rounded_layers": rounded,
-        "max_weight_error": max((s["max_abs_error"] for s in stats), default=0.0),
-        "max_weight_rel_error": max((s["rel_error"] for s in stats), default=0.0),
+        **merge_record(),
         **files,
     }
 
@@ -346,6 +366,29 @@ def _initializer_array(tensor, base_dir: Path) -> np.ndarray:
     if len(data) != length:
         raise CheckpointError(f"{path} is truncated: initializer {tensor.name} needs bytes {offset}..{offset + length}")
     return np.frombuffer(data, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def merge_metadata(out_dir: Path) -> dict:
+    """What the export stored and rounded (``metadata_props``): zero_points, dtype, exact,
+    rounded_layers, zeros_moved, max_weight_error. Empty for a file this tool did not write."""
+    proto = _load_model_proto(Path(out_dir))
+    for entry in proto.metadata_props:
+        if entry.key == MERGE_METADATA_KEY:
+            return json.loads(entry.value)
+    return {}
+
+
+def declared_weight(model, name: str, meta: dict) -> torch.Tensor:
+    """The weight the artifact declares it holds for ``name`` (float64 ``[out, in]``): the folded
+    record with its zero-points stored as the export stored them (rounded to integers for uint8,
+    to the io dtype for float zero-points)."""
+    layer, _ = model.read_layer(name)
+    zeros = layer.zeros.to(torch.float64)
+    if meta.get("zero_points") == "uint8":
+        zeros = torch.round(zeros)
+    else:
+        zeros = zeros.to(torch.float16 if meta.get("dtype") == "fp16" else torch.float32).to(torch.float64)
+    return layer.with_zeros(zeros).dequantize(torch.float64)
 
 
 def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

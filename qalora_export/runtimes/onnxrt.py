@@ -45,8 +45,8 @@ def accuracy_levels(model_dir: Path) -> set[int]:
 
 def at_accuracy_level(model_dir: Path, level: int, view_dir: Path) -> Path:
     """``model_dir`` itself when every MatMulNBits node has ``accuracy_level == level``; otherwise a
-    view in ``view_dir``: a rewritten ``model.onnx`` with symlinks to the other files (the
-    external weight data is shared, not copied)."""
+    view in ``view_dir``: a rewritten ``model.onnx`` next to hard links to the other files (copies
+    when ``view_dir`` is on another file system)."""
     import onnx
     from onnx import helper
 
@@ -65,8 +65,14 @@ def at_accuracy_level(model_dir: Path, level: int, view_dir: Path) -> Path:
             node.attribute.extend(kept + [helper.make_attribute("accuracy_level", level)])
     onnx.save(proto, str(view_dir / MODEL_FILE))
     for item in model_dir.iterdir():
-        if item.name != MODEL_FILE:
-            os.symlink(item.resolve(), view_dir / item.name)
+        if item.name == MODEL_FILE or not item.is_file():
+            continue
+        # onnxruntime refuses external data outside the model's directory (a symlink resolves
+        # outside it), so the data file is hard-linked, or copied across file systems.
+        try:
+            os.link(item.resolve(), view_dir / item.name)
+        except OSError:
+            shutil.copyfile(item, view_dir / item.name)
     return view_dir
 
 

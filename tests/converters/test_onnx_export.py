@@ -1,0 +1,192 @@
+"""ONNX export end to end on tiny random LLaMA models: weights, onnxruntime, onnxruntime-genai, refusals."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_models
+from qalora_export.converters import onnx as onnx_conv
+from qalora_export.converters import onnx_spec as spec
+from qalora_export.errors import FormatLimitError, OutputExistsError, UnsupportedModelError
+from qalora_export.merged import MergedModel
+
+# Prompts free of the tiny tokenizer's special ids (pad = 3 is masked by onnxruntime-genai).
+PROMPTS = [[1, 5, 9, 20, 33, 4, 7, 61, 12], [1, 100, 5, 6], [40]]
+
+
+@pytest.fixture(scope="module")
+def make_pair(tmp_path_factory):
+    """(bits, group_size, act_order, **kw) -> (base_dir, adapter_dir), cached per module."""
+    cache: dict = {}
+
+    def make(bits: int, group_size: int, act_order: bool = False, integral: bool = False, **llama):
+        key = (bits, group_size, act_order, integral, tuple(sorted(llama.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"b{bits}g{group_size}{'a' if act_order else ''}{'i' if integral else ''}")
+            base = tiny_models.make_tiny_base(root / "base", bits=bits, group_size=group_size,
+                                              act_order=act_order, **llama)
+            rank = (64 // group_size) if integral else 4
+            adapter = tiny_models.make_random_adapter(base, root / "adapter", rank=rank, integral_shift=integral)
+            cache[key] = (base, adapter)
+        return cache[key]
+
+    return make
+
+
+def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
+    errors = {}
+    for name, decoded in onnx_conv.read_weights(out):
+        reference = model.reference_weight(name)
+        assert decoded.dtype == torch.float64 and decoded.shape == reference.shape
+        errors[name] = float((decoded - reference).abs().max() / reference.abs().max())
+    return errors
+
+
+@pytest.mark.parametrize("bits, group_size", [(2, 32), (3, 64), (4, 16), (4, 32)])
+def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size):
+    model = MergedModel.open(*make_pair(bits, group_size))
+    out = tmp_path / "onnx"
+    summary = onnx_conv.export(model, out)
+    assert summary["exact"] and summary["container_bits"] == spec.container_bits(bits)
+    assert summary["max_fold_shift_code_units"] > 0  # the adapter really moved the zero-points
+
+    errors = _weight_errors(model, out)
+    assert set(errors) == set(model.quantized_modules)
+    assert max(errors.values()) <= onnx_conv.WEIGHT_TOLERANCE
+
+    report = onnx_conv.verify_runtime(model, out, PROMPTS, tmp_path / "work")
+    assert report["passed"], report["checks"]
+    assert report["logits"]["top1_agreement"] == 1.0
+    assert report["greedy"]["exact_match_onnxruntime"] == len(PROMPTS)
+    assert report["greedy"]["exact_match_genai"] == len(PROMPTS)
+    assert report["kv_cache_vs_full"]["max_abs_logit_diff_rel"] <= spec.RUNTIME_KV_MAX_DLOGIT_REL
+
+
+def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
+    import onnx
+
+    model = MergedModel.open(*make_pair(4, 32))
+    out = tmp_path / "onnx"
+    onnx_conv.export(model, out)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nbits = [n.name for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert sorted(nbits) == sorted(model.quantized_modules)
+    float_matmuls = [n.name for n in proto.graph.node if n.op_type == "MatMul"]
+    assert float_matmuls == ["/lm_head/MatMul"]
+    float_inits = {t.name for t in proto.graph.initializer
+                   if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and len(t.dims) == 2}
+    allowed = {"model.embed_tokens.weight", "lm_head.weight_t", "cos_cache", "sin_cache"}
+    assert float_inits <= allowed | {n + ".MatMulNBits.scales" for n in nbits} | {n + ".MatMulNBits.zero_points" for n in nbits}
+    assert {i.name for i in proto.graph.input} >= {"input_ids", "attention_mask", "past_key_values.0.key"}
+    assert {"logits", "present.1.value"} <= {o.name for o in proto.graph.output}
+    assert (out / "model.onnx.data").is_file() and (out / "genai_config.json").is_file()
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_tied_embeddings(make_pair, tmp_path):
+    model = MergedModel.open(*make_pair(4, 32, tie_embeddings=True))
+    out = tmp_path / "onnx"
+    onnx_conv.export(model, out)
+    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert report["passed"], report["checks"]
+
+
+def test_act_order_is_permuted_exactly(make_pair, tmp_path):
+    model = MergedModel.open(*make_pair(4, 32, act_order=True))
+    out = tmp_path / "onnx"
+    summary = onnx_conv.export(model, out)
+    assert summary["act_order_permuted_layers"] == len(model.quantized_modules)
+    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
+    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert report["passed"], report["checks"]
+
+
+def test_uint8_zero_points_exact_when_integral(make_pair, tmp_path):
+    model = MergedModel.open(*make_pair(4, 32, integral=True, intermediate=64))
+    out = tmp_path / "onnx"
+    summary = onnx_conv.export(model, out, zero_points="uint8")
+    assert summary["exact"] and summary["max_weight_error"] == 0.0
+    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
+    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert report["passed"], report["checks"]
+
+
+def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
+    model = MergedModel.open(*make_pair(4, 32))
+    out = tmp_path / "onnx"
+    with pytest.raises(FormatLimitError, match="--allow-rounding") as exc:
+        onnx_conv.export(model, out, zero_points="uint8")
+    assert "--zero-points float" in str(exc.value)
+    assert not out.exists() and not list(tmp_path.glob(".onnx*"))  # nothing partial left
+
+    summary = onnx_conv.export(model, out, zero_points="uint8", allow_rounding=True)
+    assert not summary["exact"] and summary["zeros_moved"] > 0 and summary["rounded_layers"]
+    meta = onnx_conv.merge_metadata(out)
+    assert meta["exact"] is False and meta["zero_points"] == "uint8"
+    for name, decoded in onnx_conv.read_weights(out):  # the artifact holds what it declares
+        declared = onnx_conv.declared_weight(model, name, meta)
+        assert float((decoded - declared).abs().max()) <= onnx_conv.WEIGHT_TOLERANCE * float(declared.abs().max())
+
+
+def test_eight_bit(make_pair, tmp_path):
+    base, _ = make_pair(8, 32)
+    with pytest.raises(FormatLimitError, match="--zero-points uint8"):
+        onnx_conv.export(MergedModel.open(base), tmp_path / "float")
+    model = MergedModel.open(base)  # no adapter: integral zero-points
+    out = tmp_path / "onnx"
+    summary = onnx_conv.export(model, out, zero_points="uint8")
+    assert summary["exact"] and summary["container_bits"] == 8
+    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
+    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert report["passed"], report["checks"]
+
+
+def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
+    from qalora_export.runtimes import onnxrt
+
+    model = MergedModel.open(*make_pair(4, 32))
+    out4 = tmp_path / "acc4"
+    onnx_conv.export(model, out4, accuracy_level=4)
+    assert onnxrt.accuracy_levels(out4) == {4}
+    report = onnx_conv.verify_runtime(model, out4, PROMPTS[:1], tmp_path / "work")
+    assert report["passed"] and report["accuracy_level"] == 0  # verified through a level-0 view
+    assert onnxrt.accuracy_levels(out4) == {4}  # the artifact itself is untouched
+
+    with pytest.raises(FormatLimitError, match="--dtype fp32"):
+        onnx_conv.export(model, tmp_path / "fp16", dtype="fp16")
+    summary = onnx_conv.export(model, tmp_path / "fp16", dtype="fp16", allow_rounding=True)
+    assert not summary["exact"]
+    decoder = onnxrt.OrtDecoder(tmp_path / "fp16")
+    logits = decoder.logits(PROMPTS[0])
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    np.testing.assert_allclose(decoder.incremental_logits(PROMPTS[0], 4), logits, atol=5e-3 * np.abs(logits).max())
+
+
+def test_refusals(make_pair, tmp_path):
+    base, adapter = make_pair(4, 32)
+    model = MergedModel.open(base, adapter)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        onnx_conv.export(model, out)
+    onnx_conv.export(model, out, overwrite=True)
+    assert (out / "model.onnx").is_file()
+
+    fake = types.SimpleNamespace(model_config={"model_type": "gpt2"})
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        onnx_conv.export(fake, tmp_path / "gpt2")
+    assert not (tmp_path / "gpt2").exists()
+
+
+def test_group_size_onnxruntime_cannot_run(tmp_path):
+    base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=8)
+    out = tmp_path / "onnx"
+    with pytest.raises(FormatLimitError, match="group size 8"):
+        onnx_conv.export(MergedModel.open(base), out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output left
