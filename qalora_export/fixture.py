@@ -51,3 +51,41 @@ def smollm2_gguf_path(fetch: bool = True) -> Path:
             dst.write(chunk)
     partial.replace(target)
     return target
+
+
+def smollm2_float_dir() -> Path:
+    """The fixture as a float Hugging Face directory (safetensors + tokenizer), converted once.
+
+    transformers dequantizes the GGUF to float32 (tens of seconds: it parses the file three
+    times); quantizing from this cached directory instead streams in seconds. A GGUF-loaded model
+    refuses ``save_pretrained`` ("quantized with gguf"), so the weights are moved into a fresh
+    model built from the same config first.
+    """
+    target = cache_dir() / "smollm2" / "float"
+    if (target / "model.safetensors").is_file():
+        return target
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=".float.", dir=target.parent))
+    try:
+        fresh.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        loaded.generation_config.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -35,6 +35,7 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if path.exists():
             if not overwrite:  # appeared while we worked
                 raise OutputExistsError(f"output {path} appeared while writing; nothing was replaced")
@@ -60,11 +61,29 @@ def atomic_output_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(directory: Path) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give outputs the usual umask modes."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
 
 
 def read_json(path: Path, error: Type[QALoRAExportError]) -> dict:

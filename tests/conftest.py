@@ -22,10 +22,18 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_base(tmp_path_factory, smollm2_gguf) -> Path:
-    """SmolLM2 quantized by RTN to 4-bit, group 32, gptq_v2 (built once per session)."""
+def smollm2_float(smollm2_gguf) -> Path:
+    """SmolLM2 as a float HF directory (converted from the GGUF once, cached across runs)."""
+    from qalora_export.fixture import smollm2_float_dir
+
+    return smollm2_float_dir()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory, smollm2_float) -> Path:
+    """SmolLM2 quantized by RTN to 4-bit, group 32, gptq_v2 (built once per session, ~25 s)."""
     from qalora_export.quantize import quantize_model
 
     out = tmp_path_factory.mktemp("smollm2") / "base-w4g32"
-    quantize_model(smollm2_gguf, out, bits=4, group_size=32, checkpoint_format="gptq_v2")
+    quantize_model(smollm2_float, out, bits=4, group_size=32, checkpoint_format="gptq_v2")
     return out

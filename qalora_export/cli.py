@@ -1,0 +1,310 @@
+"""The ``qalora-export`` command line. The only module that prints or exits.
+
+Exit codes: 0 success; 1 verification failed (the gate); 2 bad input or a refused operation
+(a typed :class:`QALoRAExportError`, message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import QALoRAExportError
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+class _Progress:
+    """A tqdm bar fed by name callbacks (or nothing when stderr is not a terminal and CI is set)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False,
+                        disable=None if not os.environ.get("CI") else True)
+
+    def __call__(self, name: str) -> None:
+        self.bar.set_postfix_str(name.rsplit(".", 3)[-3] if "." in name else name, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _layer_count(base_dir: Path) -> int:
+    from .gptq_format import GPTQCheckpoint
+
+    return len(GPTQCheckpoint(base_dir).quantized_modules)
+
+
+def _say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def _print_summary(title: str, summary: dict, skip: Sequence[str] = ("per_layer",)) -> None:
+    _say(title)
+    for key, value in summary.items():
+        if key in skip:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        _say(f"  {key:24s} {value}")
+
+
+# --------------------------------------------------------------------------------------- verbs
+
+
+def cmd_quantize(args) -> int:
+    from .quantize import quantize_model
+
+    bar = _Progress(total=0, desc="quantize")
+    t0 = time.time()
+    try:
+        summary = quantize_model(args.model, args.output, args.bits, args.group_size, args.checkpoint_format,
+                                 overwrite=args.overwrite, progress=bar)
+    finally:
+        bar.close()
+    _print_summary(f"quantized {args.model} -> {args.output} in {time.time() - t0:.1f}s", summary.__dict__)
+    return EXIT_OK
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train_adapter
+
+    config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         max_length=args.max_length, seed=args.seed, held_out=args.held_out,
+                         on_overlong=args.on_overlong)
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False)
+
+    def progress(step: int, loss: float) -> None:
+        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+        bar.update(1)
+
+    try:
+        result = train_adapter(args.base, args.data, args.output, config, overwrite=args.overwrite,
+                               progress=progress, device=args.device)
+    finally:
+        bar.close()
+    summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
+    _print_summary(f"trained QA-LoRA adapter -> {args.output}", summary)
+    return EXIT_OK
+
+
+def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -> dict:
+    from .converters import get_converter
+    from .merged import MergedModel
+
+    model = MergedModel.open(base, adapter, pooling=getattr(args, "pooling", None))
+    converter = get_converter(fmt)
+    options: dict = {"overwrite": args.overwrite}
+    if fmt == "gptq":
+        options.update(checkpoint_format=args.checkpoint_format, require_exact=args.require_exact,
+                       clamp_zeros=args.clamp_zeros)
+    elif fmt == "onnx":
+        options.update(zero_points=args.zero_points, accuracy_level=args.accuracy_level, dtype=args.dtype)
+        if args.allow_rounding:
+            options["allow_rounding"] = True
+    elif fmt == "gguf":
+        options.update(embeddings=args.embeddings)
+    bar = _Progress(total=len(model.quantized_modules), desc=f"merge -> {fmt}")
+    try:
+        if fmt == "gptq":
+            options["progress"] = bar
+        return converter.export(model, output, **options)
+    finally:
+        bar.close()
+
+
+def cmd_merge(args) -> int:
+    t0 = time.time()
+    summary = _export(args.to, args.base, args.adapter, args.output, args)
+    _print_summary(f"merged {args.adapter} into {args.base} -> {args.output} ({args.to}) in {time.time() - t0:.1f}s",
+                   summary)
+    if summary.get("exact") is False:
+        _say(f"note: {summary.get('zeros_moved')} of {summary.get('zeros_total')} zero-points were rounded to "
+             f"integers (largest change {summary.get('max_zero_change', 0):.3f} code units); the artifact is not "
+             f"bit-exact to the unmerged model. Use --require-exact to refuse, or export onnx/gguf (float zeros).")
+    return EXIT_OK
+
+
+def _cmd_format(fmt: str) -> Callable:
+    def run(args) -> int:
+        t0 = time.time()
+        summary = _export(fmt, args.base, args.adapter, args.output, args)
+        _print_summary(f"exported {args.base}{' + ' + str(args.adapter) if args.adapter else ''} -> {args.output} "
+                       f"({fmt}) in {time.time() - t0:.1f}s", summary)
+        return EXIT_OK
+    return run
+
+
+def cmd_verify(args) -> int:
+    from .verify import render_markdown, verify_artifact, write_report
+
+    t0 = time.time()
+    report = verify_artifact(args.artifact, args.base, args.adapter, pooling=args.pooling, device=args.device,
+                             fmt=args.format, require_exact=args.require_exact, runtime=not args.weights_only,
+                             progress=lambda stage: print(f"verify: {stage} level...", file=sys.stderr, flush=True))
+    report["seconds"] = round(time.time() - t0, 1)
+    if args.report:
+        json_path, md_path = write_report(report, args.report)
+        _say(f"report: {json_path} and {md_path}")
+    _say(render_markdown(report))
+    return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_artifact import inspect_path
+
+    info = inspect_path(args.path)
+    _say(json.dumps(info, indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from .demo import format_demo_table, run_demo
+
+    report = run_demo(Path(args.workdir), steps=args.steps, formats=args.formats.split(","),
+                      overwrite=True, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    _say(format_demo_table(report))
+    return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+
+
+def cmd_fetch_fixture(args) -> int:
+    from .fixture import smollm2_gguf_path
+
+    _say(str(smollm2_gguf_path()))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------- parser
+
+
+def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
+    p.add_argument("-o", "--output", type=Path, required=True, help="output path (directory; a .gguf file for gguf)")
+    p.add_argument("--pooling", choices=("peft", "mean", "sum"),
+                   help="pooling convention of an adapter that does not record it (official QA-LoRA: mean; "
+                        "the paper's Algorithm 1: sum); PEFT and qalora-export adapters record it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    if fmt in (None, "gptq"):
+        p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"),
+                       help="gptq: v1 (stores zero-1); gptq_v2: true zeros. Default: the base's")
+        p.add_argument("--require-exact", action="store_true",
+                       help="refuse to round fractional folded zero-points (GPTQ stores integers)")
+        p.add_argument("--clamp-zeros", action="store_true",
+                       help="clamp folded zeros outside the format's range instead of refusing (reported)")
+    if fmt in (None, "onnx"):
+        p.add_argument("--zero-points", choices=("float", "uint8"), default="float",
+                       help="float holds the fold exactly; uint8 needs integral zeros")
+        p.add_argument("--accuracy-level", type=int, choices=range(0, 5), default=0,
+                       help="MatMulNBits accuracy_level (4 = int8 activations, faster, not exact)")
+        p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="activation/scale dtype")
+        p.add_argument("--allow-rounding", action="store_true",
+                       help="with --zero-points uint8: round fractional zeros (reported)")
+    if fmt in (None, "gguf"):
+        p.add_argument("--embeddings", choices=("f16", "f32", "q8_0"), default="f16",
+                       help="type of the token-embedding tensor in the GGUF")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qalora-export",
+        description="QA-LoRA on group-quantized LLMs: quantize, train, fold the adapter into the zero-points, "
+                    "export (AutoGPTQ, ONNX MatMulNBits, GGUF) and verify in the real runtimes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", help="float model (HF dir or .gguf) -> AutoGPTQ checkpoint (min-max RTN)")
+    p.add_argument("model", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq_v2",
+                   help="gptq_v2 (default) stores true zero-points; gptq (v1) stores zero-1, for older runtimes")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("train", help="train a QA-LoRA adapter on a quantized base")
+    p.add_argument("base", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="JSONL: instruction/input/output or chat messages")
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--held-out", type=float, default=0.1, help="fraction (<1) or count of examples held out")
+    p.add_argument("--on-overlong", choices=("drop", "truncate"), default="drop",
+                   help="what to do with examples longer than --max-length (always counted and reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("merge", help="fold an adapter into the zero-points and export")
+    p.add_argument("base", type=Path)
+    p.add_argument("adapter", type=Path)
+    p.add_argument("--to", choices=("gptq", "onnx", "gguf"), default="gptq")
+    _add_export_options(p, None)
+    p.set_defaults(func=cmd_merge)
+
+    for fmt, help_text in (("onnx", "export ONNX with com.microsoft.MatMulNBits (merging an adapter if given)"),
+                           ("gguf", "export a llama.cpp GGUF with Q4_1 blocks (merging an adapter if given)")):
+        p = sub.add_parser(fmt, help=help_text)
+        p.add_argument("base", type=Path, help="quantized base, or an already merged GPTQ checkpoint")
+        p.add_argument("adapter", type=Path, nargs="?")
+        _add_export_options(p, fmt)
+        p.set_defaults(func=_cmd_format(fmt))
+
+    p = sub.add_parser("verify", help="check an artifact against the unmerged model (exit 1 on failure)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--adapter", type=Path)
+    p.add_argument("--pooling", choices=("peft", "mean", "sum"))
+    p.add_argument("--format", choices=("gptq", "onnx", "gguf"), help="default: detected from the path")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--report", type=Path, help="write the JSON report here (and markdown next to it)")
+    p.add_argument("--require-exact", action="store_true", help="fail when the merge rounded zero-points")
+    p.add_argument("--weights-only", action="store_true", help="skip the runtime level")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="describe a checkpoint, adapter, ONNX or GGUF artifact")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("demo", help="the whole path on the SmolLM2-135M fixture, with a before/after table")
+    p.add_argument("--workdir", type=Path, default=Path("qalora-demo"))
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--formats", default="gptq", help="comma-separated export formats to merge and verify")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("fetch-fixture", help="fetch the SmolLM2 fixture into the cache and print its path")
+    p.set_defaults(func=cmd_fetch_fixture)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QALoRAExportError as exc:
+        print(f"qalora-export {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

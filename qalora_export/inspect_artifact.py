@@ -1,0 +1,123 @@
+"""``inspect``: a short description of a GPTQ checkpoint, adapter, ONNX directory or GGUF file."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def inspect_path(path: Path) -> dict:
+    """What ``path`` is and what it holds, as a JSON-able dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        return _inspect_gguf(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _inspect_adapter(path)
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return _inspect_onnx(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _inspect_gptq(path)
+    raise ConfigError(f"{path}: not a GPTQ checkpoint, adapter directory, ONNX directory or .gguf file")
+
+
+def _inspect_gptq(path: Path) -> dict:
+    from .gptq_format import GPTQCheckpoint
+
+    ckpt = GPTQCheckpoint(path)
+    zmin, zmax, act_order, params = None, None, False, 0
+    shapes = Counter()
+    for layer in ckpt.iter_layers():
+        lo, hi = float(layer.zeros.min()), float(layer.zeros.max())
+        zmin = lo if zmin is None else min(zmin, lo)
+        zmax = hi if zmax is None else max(zmax, hi)
+        act_order |= layer.is_act_order
+        params += layer.codes.numel()
+        shapes[f"{layer.out_features}x{layer.in_features}"] += 1
+    qcfg = ckpt.model_config.get("quantization_config", {})
+    return {
+        "kind": "gptq checkpoint",
+        "path": str(path),
+        "model_type": ckpt.model_config.get("model_type"),
+        "bits": ckpt.config.bits,
+        "group_size": ckpt.config.group_size,
+        "checkpoint_format": ckpt.config.checkpoint_format,
+        "desc_act": ckpt.config.desc_act,
+        "act_order_g_idx": act_order,
+        "quantized_layers": len(ckpt.quantized_modules),
+        "quantized_params": params,
+        "layer_shapes": dict(shapes),
+        "true_zero_range": [zmin, zmax],
+        "float_tensors": len(ckpt.other_tensor_names()),
+        "weight_files": sorted({p.name for p in ckpt.tensor_files.values()}),
+        "bytes": sum(p.stat().st_size for p in set(ckpt.tensor_files.values())),
+        "fingerprint": ckpt.fingerprint(),
+        "qalora_export": (qcfg.get("meta") or {}).get("qalora_export"),
+    }
+
+
+def _inspect_adapter(path: Path) -> dict:
+    from .adapter import AdapterError, load_adapter
+    from .io_utils import read_json
+
+    config = read_json(path / "adapter_config.json", AdapterError)
+    try:
+        adapter = load_adapter(path)
+        pooling = adapter.pooling
+    except AdapterError as exc:
+        if "does not record its pooling" not in str(exc):
+            raise
+        adapter = load_adapter(path, pooling="mean")
+        pooling = "not recorded (pass --pooling)"
+    return {
+        "kind": "QA-LoRA adapter (PEFT layout)",
+        "path": str(path),
+        "rank": adapter.rank,
+        "alpha": adapter.alpha,
+        "scale": adapter.scale,
+        "pooling": pooling,
+        "pool_group_size": adapter.pool_group_size or "per layer (in / L)",
+        "pool_groups": adapter.pool_groups,
+        "layers": len(adapter.layers),
+        "target_modules": adapter.target_modules,
+        "base_fingerprint": adapter.base_fingerprint,
+        "peft_use_qalora": config.get("use_qalora"),
+        "extra": adapter.extra,
+    }
+
+
+def _inspect_gguf(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:
+        raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
+    types = Counter(t.tensor_type.name for t in reader.tensors)
+    keys = {}
+    for name in ("general.architecture", "general.name", "llama.block_count", "llama.embedding_length",
+                 "llama.attention.head_count", "llama.attention.head_count_kv", "tokenizer.ggml.model"):
+        field = reader.fields.get(name)
+        if field is not None:
+            keys[name] = field.contents()
+    return {"kind": "gguf", "path": str(path), "bytes": path.stat().st_size, "tensors": len(reader.tensors),
+            "tensor_types": dict(types), "metadata": keys}
+
+
+def _inspect_onnx(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = {}
+    if nbits:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return {"kind": "onnx", "path": str(path), "bytes": size, "nodes": len(model.graph.node),
+            "matmulnbits": len(nbits), "matmulnbits_attributes": attrs,
+            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
+            "op_counts": dict(ops.most_common(12))}
