@@ -1,0 +1,66 @@
+"""Importing the package is cheap (DESIGN.md §6): no CUDA initialisation, no optional runtime.
+
+Each check runs in a fresh interpreter, since this test process itself imports GPTQModel, PEFT
+and friends in other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+OPTIONAL_RUNTIMES = ("onnxruntime", "llama_cpp", "gptqmodel", "peft", "optimum", "triton")
+
+CORE_MODULES = (
+    "qalora_export",
+    "qalora_export.converters",
+    "qalora_export.errors",
+    "qalora_export.io_utils",
+    "qalora_export.packing",
+    "qalora_export.quant",
+    "qalora_export.gptq_format",
+    "qalora_export.adapter",
+    "qalora_export.fold",
+    "qalora_export.merged",
+    "qalora_export.qalora_layer",
+    "qalora_export.model",
+    "qalora_export.quantize",
+    "qalora_export.float_model",
+)
+
+PROBE = r"""
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+import torch
+print(json.dumps({
+    "modules": sorted(m for m in sys.modules if m.split(".")[0] in %r),
+    "cuda_initialized": torch.cuda.is_initialized(),
+}))
+""" % (OPTIONAL_RUNTIMES,)
+
+
+def probe(module: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE, module], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", ["qalora_export", "qalora_export.converters"])
+def test_package_import_is_cheap(module):
+    result = probe(module)
+    assert result["modules"] == [], f"importing {module} imported {result['modules']}"
+    assert result["cuda_initialized"] is False
+
+
+def test_core_modules_import_no_optional_runtime():
+    code = ("import importlib, json, sys\n"
+            f"for m in {CORE_MODULES!r}: importlib.import_module(m)\n"
+            "import torch\n"
+            f"print(json.dumps([m for m in sys.modules if m.split('.')[0] in {OPTIONAL_RUNTIMES!r}]"
+            " + (['CUDA'] if torch.cuda.is_initialized() else [])))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
