@@ -16,6 +16,9 @@ tensor                        dtype    shape / meaning
 ``<module>.bias``             float16  ``[out]``, optional
 ============================  =======  ==================================================
 
+For b = 3 the runtimes load only layers whose ``in`` and ``out`` are multiples of 32 (whole
+packing cycles); the writer refuses other widths, the reader accepts whole-cycle padding.
+
 Zero convention, from ``checkpoint_format`` in the quantization config: ``"gptq"`` (v1) stores
 ``zero - 1``; ``"gptq_v2"`` stores ``zero``. Both store the value in ``b`` bits, so v1 holds true
 zeros ``1 .. 2**b - 1`` (a true zero of 0 would be stored as -1, which wraps and decodes wrong in
@@ -51,6 +54,9 @@ INDEX_FILE = "model.safetensors.index.json"
 
 # Exactness of this format (DESIGN.md §3): zero-points are integers in b bits.
 STORED_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
+# 3-bit layers: GPTQModel registers ceil(n * 3 / 32) words but decodes whole 3-word cycles, so only
+# widths that are multiples of 32 load (checked by loading in transformers + GPTQModel).
+THREE_BIT_WIDTH_MULTIPLE = 32
 
 
 def zero_range(bits: int, checkpoint_format: str) -> tuple[int, int]:
@@ -117,8 +123,16 @@ def encode_layer(layer: QuantizedLinear, checkpoint_format: str) -> dict[str, to
     """Pack a record whose zero-points are integral into the format's tensors (suffix -> tensor).
 
     Raises:
-        FormatLimitError: a zero-point is fractional or outside :func:`zero_range`.
+        FormatLimitError: a zero-point is fractional or outside :func:`zero_range`; a 3-bit layer
+            whose widths are not multiples of 32.
     """
+    if layer.bits == 3 and (layer.in_features % THREE_BIT_WIDTH_MULTIPLE or layer.out_features % THREE_BIT_WIDTH_MULTIPLE):
+        raise FormatLimitError(
+            f"{layer.name}: 3-bit GPTQ packs {THREE_BIT_WIDTH_MULTIPLE} codes into 3 words, so the layer's "
+            f"widths must be multiples of {THREE_BIT_WIDTH_MULTIPLE}, but it is {layer.out_features}x"
+            f"{layer.in_features} (out x in); GPTQModel and AutoGPTQ cannot load such a checkpoint. "
+            f"Use --bits 2, 4 or 8 for this model"
+        )
     zeros = layer.zeros.to(torch.float64)
     if not torch.equal(zeros, torch.round(zeros)):
         raise FormatLimitError(f"{layer.name}: GPTQ zero-points must be integers; round them first")

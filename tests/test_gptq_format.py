@@ -37,8 +37,10 @@ BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")
 
 
-def random_record(bits: int, fmt: str, act_order: bool, out: int = 40, in_: int = 64, group_size: int = 16,
+def random_record(bits: int, fmt: str, act_order: bool, out: int | None = None, in_: int = 64, group_size: int = 16,
                   bias: bool = True, seed: int = 0):
+    if out is None:  # a partial packing cycle of qzeros where the format allows one (not 3-bit)
+        out = 64 if bits == 3 else 40
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out, in_, generator=gen) * 0.1
     g_idx = None
@@ -137,6 +139,16 @@ def test_encode_refuses_zeros_the_format_cannot_hold():
         encode_layer(rec.with_zeros(zeros), "gptq_v2")
 
 
+@pytest.mark.parametrize("out, in_", [(40, 64), (64, 48)])
+def test_encode_refuses_3bit_widths_the_runtimes_cannot_load(out, in_):
+    rec = random_record(3, "gptq_v2", False, out=out, in_=in_)
+    with pytest.raises(FormatLimitError, match=rf"3-bit GPTQ packs 32 codes into 3 words.*it is {out}x{in_} "
+                                               r"\(out x in\).*Use --bits 2, 4 or 8"):
+        encode_layer(rec, "gptq_v2")
+    for bits in (2, 4, 8):  # whole-word widths: any width packs as GPTQModel expects
+        encode_layer(random_record(bits, "gptq_v2", False, out=out, in_=in_), "gptq_v2")
+
+
 def test_encode_does_not_modify_the_record():
     rec = random_record(3, "gptq", True)
     copies = [t.clone() for t in (rec.codes, rec.scales, rec.zeros, rec.g_idx, rec.bias)]
@@ -158,12 +170,12 @@ def test_decode_without_g_idx_and_group_size_minus_one():
     (lambda t: t.pop("scales"), r"missing tensors model.layers.0.mlp.up_proj.scales"),
     (lambda t: t.update(qweight=t["qweight"].float()), r"qweight: expected a 2-D torch.int32 tensor"),
     (lambda t: t.update(scales=t["scales"][0]), r"scales: expected a 2-D"),
-    (lambda t: t.update(scales=t["scales"][:2]), r"scales: shape \(2, 40\), expected \(4, 40\)"),
+    (lambda t: t.update(scales=t["scales"][:2]), r"scales: shape \(2, 64\), expected \(4, 64\)"),
     (lambda t: t.update(g_idx=t["g_idx"][:10]), r"g_idx: shape \(10,\), expected \(64,\)"),
     (lambda t: t.update(g_idx=t["g_idx"] - 1), r"g_idx: negative group index -1"),
-    (lambda t: t.update(g_idx=t["g_idx"] + 1), r"scales: shape \(4, 40\), expected \(5, 40\)"),
+    (lambda t: t.update(g_idx=t["g_idx"] + 1), r"scales: shape \(4, 64\), expected \(5, 64\)"),
     (lambda t: t.update(qzeros=t["qzeros"][:3]), r"qzeros: 3 rows, expected 4 groups"),
-    (lambda t: t.update(qzeros=t["qzeros"][:, :1]), r"packed tensors do not match 3-bit, 64x40"),
+    (lambda t: t.update(qzeros=t["qzeros"][:, :1]), r"packed tensors do not match 3-bit, 64x64"),
     (lambda t: t.update(qweight=t["qweight"][:5]), r"qweight: 5 rows is not a whole number of 3-bit packing cycles"),
     (lambda t: t.update(qweight=t["qweight"][:3]), r"g_idx: shape \(64,\), expected \(32,\)"),
     (lambda t: t["scales"].__setitem__((1, 3), float("nan")), r"scales: contains NaN or inf"),

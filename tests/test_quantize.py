@@ -180,3 +180,13 @@ def test_failure_midway_leaves_no_partial_output(float_dir, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         quantize_model(float_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_3bit_on_widths_the_runtimes_cannot_load_is_refused(tmp_path):
+    from qalora_export.errors import FormatLimitError
+
+    src = tiny_models.make_tiny_llama(tmp_path / "float48", hidden=48, intermediate=96)
+    with pytest.raises(FormatLimitError, match="3-bit GPTQ packs 32 codes into 3 words.*Use --bits 2, 4 or 8"):
+        quantize_model(src, tmp_path / "out", bits=3, group_size=16)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    quantize_model(src, tmp_path / "out4", bits=4, group_size=16)  # whole-word packing: fine
