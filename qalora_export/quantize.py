@@ -49,6 +49,9 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ConfigError(f"--checkpoint-format {checkpoint_format!r}: choose one of {CHECKPOINT_FORMATS}")
+    if Path(out_dir).resolve() == Path(model_path).resolve():
+        # --overwrite would replace the model being read: inputs are never modified.
+        raise ConfigError(f"output {out_dir} is the input model itself; choose another output path")
     source = open_float_model(model_path)
     check_supported(source.model_config, model_path)
     names = source.tensor_names()

@@ -190,3 +190,12 @@ def test_3bit_on_widths_the_runtimes_cannot_load_is_refused(tmp_path):
         quantize_model(src, tmp_path / "out", bits=3, group_size=16)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
     quantize_model(src, tmp_path / "out4", bits=4, group_size=16)  # whole-word packing: fine
+
+
+def test_output_cannot_be_the_input(float_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(float_dir, src)
+    before = tree_hashes(src)
+    with pytest.raises(ConfigError, match="is the input model itself"):
+        quantize_model(src, src, overwrite=True)
+    assert tree_hashes(src) == before and leftovers(tmp_path) == []
