@@ -132,6 +132,9 @@ class NBitsLinear:
         perm: int64 ``[K]`` or None: the node computes ``x[..., perm] @ W'.T`` where ``W'`` holds
             the columns of the original weight in the order ``perm`` (act-order bases).
         bias: ``[N]`` or None.
+        zero_residual: ``R`` ``[G, N]`` or None: the part of the zero-points the packed integers do
+            not hold, times the scale; the projection is ``MatMulNBits(x) - pool_sum(x) @ R`` with
+            ``pool_sum`` summing each run of ``residual_group`` (permuted) input columns.
     """
 
     k: int
@@ -143,6 +146,8 @@ class NBitsLinear:
     zero_points: np.ndarray
     perm: Optional[np.ndarray] = None
     bias: Optional[np.ndarray] = None
+    zero_residual: Optional[np.ndarray] = None
+    residual_group: int = 0
 
 
 @dataclass
@@ -280,7 +285,16 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
         w = gb.initializer(weight_name, as_io(tensor(weight_name)))
         return gb.node("SimplifiedLayerNormalization", [x, w], node_name, axis=-1, epsilon=cfg.rms_eps, stash_type=1)
 
-    perm_gathers: dict[bytes, str] = {}
+    perm_gathers: dict[tuple, str] = {}
+    pooled: dict[tuple, str] = {}
+
+    def pool_sum(x: str, group: int, k: int, module: str) -> str:
+        """``x`` ``[b, s, K]`` -> group sums ``[b, s, K / group]`` (shared by projections of one input)."""
+        key = (x, group)
+        if key not in pooled:
+            r = gb.node("Reshape", [x, gb.const([0, 0, k // group, group])], f"/{module}/PoolGroups/Reshape")
+            pooled[key] = gb.node("ReduceSum", [r, gb.const([-1])], f"/{module}/PoolGroups/ReduceSum", keepdims=0)
+        return pooled[key]
 
     def project(x: str, module: str, out_features: int) -> str:
         lin = linear(module)
@@ -302,6 +316,10 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
             y = gb.node(spec.OP_TYPE, ins, module, domain=spec.OP_DOMAIN, K=lin.k, N=lin.n, bits=lin.bits,
                         block_size=lin.block_size, accuracy_level=accuracy_level)
             gb.declare(y, io_onnx, ["batch_size", "sequence_length", lin.n])
+            if lin.zero_residual is not None:
+                r = gb.initializer(f"{module}.MatMulNBits.zero_residual", as_io(lin.zero_residual))
+                corr = gb.node("MatMul", [pool_sum(x, lin.residual_group, lin.k, module), r], f"/{module}/ZeroResidual/MatMul")
+                y = gb.node("Sub", [y, corr], f"/{module}/ZeroResidual/Sub")
         if lin.bias is not None:
             y = gb.node("Add", [y, gb.initializer(f"{module}.bias", as_io(lin.bias))], f"/{module}/BiasAdd")
         return y

@@ -56,7 +56,10 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 FLOAT_ZERO_POINT_BITS = (2, 4)
 #: Accuracy levels of the attribute (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-ZERO_POINT_KINDS = ("float", "uint8")
+#: "float": float zero-points in the node (exact; onnxruntime 1.32's CPU kernel runs them on a slow
+#: path). "uint8": packed integer zero-points (exact only for integral zeros). "split": packed
+#: integer part plus a per-group residual ``- pool_sum(x) @ R`` (exact, and the fast kernel path).
+ZERO_POINT_KINDS = ("float", "uint8", "split")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 # --- weight-level tolerance -------------------------------------------------------------------

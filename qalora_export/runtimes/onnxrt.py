@@ -85,6 +85,13 @@ def eos_ids(model_dir: Path) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
 
 
+def pad_id(model_dir: Path) -> Optional[int]:
+    """``pad_token_id`` from ``genai_config.json`` (onnxruntime-genai masks it in prompts)."""
+    cfg = json.loads((Path(model_dir) / GENAI_CONFIG_FILE).read_text())
+    pad = cfg["model"].get("pad_token_id")
+    return None if pad is None else int(pad)
+
+
 class OrtDecoder:
     """One onnxruntime session on the decoder, with helpers that manage its KV cache.
 

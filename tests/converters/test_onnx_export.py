@@ -47,11 +47,13 @@ def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
     return errors
 
 
-@pytest.mark.parametrize("bits, group_size", [(2, 32), (3, 64), (4, 16), (4, 32)])
-def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size):
+@pytest.mark.parametrize("bits, group_size, zero_points",
+                         [(2, 32, "float"), (2, 16, "split"), (3, 64, "float"), (3, 32, "split"),
+                          (4, 16, "float"), (4, 32, "split")])
+def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size, zero_points):
     model = MergedModel.open(*make_pair(bits, group_size))
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out)
+    summary = onnx_conv.export(model, out, zero_points=zero_points)
     assert summary["exact"] and summary["container_bits"] == spec.container_bits(bits)
     assert summary["max_fold_shift_code_units"] > 0  # the adapter really moved the zero-points
 
@@ -96,10 +98,11 @@ def test_tied_embeddings(make_pair, tmp_path):
     assert report["passed"], report["checks"]
 
 
-def test_act_order_is_permuted_exactly(make_pair, tmp_path):
+@pytest.mark.parametrize("zero_points", ["float", "split"])
+def test_act_order_is_permuted_exactly(make_pair, tmp_path, zero_points):
     model = MergedModel.open(*make_pair(4, 32, act_order=True))
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out)
+    summary = onnx_conv.export(model, out, zero_points=zero_points)
     assert summary["act_order_permuted_layers"] == len(model.quantized_modules)
     assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
     report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
@@ -121,7 +124,7 @@ def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
     out = tmp_path / "onnx"
     with pytest.raises(FormatLimitError, match="--allow-rounding") as exc:
         onnx_conv.export(model, out, zero_points="uint8")
-    assert "--zero-points float" in str(exc.value)
+    assert "--zero-points split" in str(exc.value)
     assert not out.exists() and not list(tmp_path.glob(".onnx*"))  # nothing partial left
 
     summary = onnx_conv.export(model, out, zero_points="uint8", allow_rounding=True)
@@ -134,9 +137,15 @@ def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
 
 
 def test_eight_bit(make_pair, tmp_path):
-    base, _ = make_pair(8, 32)
-    with pytest.raises(FormatLimitError, match="--zero-points uint8"):
+    base, adapter = make_pair(8, 32)
+    with pytest.raises(FormatLimitError, match="--zero-points split"):
         onnx_conv.export(MergedModel.open(base), tmp_path / "float")
+    merged = MergedModel.open(base, adapter)  # fractional zeros: exact through the split residual
+    summary = onnx_conv.export(merged, tmp_path / "split", zero_points="split")
+    assert summary["exact"] and summary["container_bits"] == 8
+    assert max(_weight_errors(merged, tmp_path / "split").values()) <= onnx_conv.WEIGHT_TOLERANCE
+    report = onnx_conv.verify_runtime(merged, tmp_path / "split", PROMPTS[:1], tmp_path / "work-split")
+    assert report["passed"], report["checks"]
     model = MergedModel.open(base)  # no adapter: integral zero-points
     out = tmp_path / "onnx"
     summary = onnx_conv.export(model, out, zero_points="uint8")
