@@ -500,10 +500,9 @@ def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
 
 def read_file_types(path: Path | str) -> tuple[str, str]:
     """(weights_dtype, embeddings) of a GGUF file, as ``export`` options that reproduce them."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
-    reader = GGUFReader(str(path))
-    types = {t.name: t.tensor_type.name.lower() for t in reader.tensors}
+    types = {k: GGMLQuantizationType(v).name.lower() for k, v in spec.scan_tensor_types(path).items()}
     emb = types.get(spec.TOKEN_EMBD_TENSOR, "f16")
     weights = next((v for k, v in types.items() if spec.hf_linear_name(k)), "q4_1")
     return weights, emb
@@ -512,12 +511,24 @@ def read_file_types(path: Path | str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ runtime verify
 
 
-def _torch_logits_and_greedy(model: MergedModel, with_adapter: bool, prompts: list[list[int]],
-                             n_new: int) -> tuple[list[np.ndarray], list[list[int]]]:
-    """Logits ``[T, V]`` and greedy continuations of the unmerged PyTorch model (float32, CPU)."""
-    from qalora_export.model import build_model
+# Hold the dequantized weights of the reference model between forwards (greedy decoding runs one
+# forward per new token, and QALoRALinear dequantizes every weight at every forward) when they fit.
+DEQUANT_CACHE_BYTES = 4 << 30
 
-    net = build_model(model.base, model.adapter if with_adapter else None)
+
+def _hold_dequantized_weights(net: torch.nn.Module) -> None:
+    """Compute each QALoRALinear's ``W_hat`` once (same bits as every forward would) and reuse it."""
+    from qalora_export.qalora_layer import QALoRALinear
+
+    layers = [m for m in net.modules() if isinstance(m, QALoRALinear)]
+    if sum(m.in_features * m.out_features * 4 for m in layers) > DEQUANT_CACHE_BYTES:
+        return
+    for module in layers:
+        w = module.dequantized_weight(module.compute_dtype)
+        module.dequantized_weight = lambda dtype=None, _w=w, _m=module: _w if dtype in (None, _m.compute_dtype) else _w.to(dtype)
+
+
+def _run_torch(net: torch.nn.Module, prompts: list[list[int]], n_new: int) -> tuple[list[np.ndarray], list[list[int]]]:
     logits, continuations = [], []
     with torch.no_grad():
         for prompt in prompts:
@@ -529,8 +540,26 @@ def _torch_logits_and_greedy(model: MergedModel, with_adapter: bool, prompts: li
                 generated.append(token)
                 ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
             continuations.append(generated)
-    del net
     return logits, continuations
+
+
+def _torch_references(model: MergedModel, prompts: list[list[int]], n_new: int, base_too: bool = True):
+    """Logits ``[T, V]`` and greedy continuations of the unmerged PyTorch model (float32, CPU), with the
+    adapter and (``base_too``) without it: one model, whose ``lora_B`` is zeroed for the second run, so
+    the adapter path adds exactly 0 and the output is the base's."""
+    from qalora_export.model import build_model, qalora_modules
+
+    net = build_model(model.base, model.adapter)
+    _hold_dequantized_weights(net)
+    with_adapter = _run_torch(net, prompts, n_new)
+    base = with_adapter
+    if base_too and model.adapter is not None:
+        with torch.no_grad():
+            for module in qalora_modules(net).values():
+                module.lora_B.zero_()
+        base = _run_torch(net, prompts, n_new)
+    del net
+    return with_adapter, base
 
 
 def _llamacpp_logits_and_greedy(path: Path, prompts: list[list[int]], n_new: int,
@@ -582,7 +611,7 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
         raise ConfigError(f"{artifact}: projections stored as {weights_dtype}, embeddings as {embeddings}; "
                           f"verify knows {spec.WEIGHTS_DTYPES} / {spec.EMBEDDING_DTYPES}")
 
-    ref_logits, ref_greedy = _torch_logits_and_greedy(model, True, prompts, n_new)
+    (ref_logits, ref_greedy), (base_logits, base_greedy) = _torch_references(model, prompts, n_new)
     art_logits, art_greedy = _llamacpp_logits_and_greedy(artifact, prompts, n_new, n_threads)
     result = {"artifact": _compare(ref_logits, ref_greedy, art_logits, art_greedy)}
 
@@ -592,10 +621,6 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
     result["f32_reference"] = _compare(ref_logits, ref_greedy, f32_logits, f32_greedy)
     f32_path.unlink()
 
-    if model.adapter is None:
-        base_logits, base_greedy = ref_logits, ref_greedy
-    else:
-        base_logits, base_greedy = _torch_logits_and_greedy(model, False, prompts, n_new)
     floor_path = workdir / f"floor-base-{weights_dtype}.gguf"
     export(MergedModel(model.base, None), floor_path, embeddings=embeddings, weights_dtype=weights_dtype,
            overwrite=True)
