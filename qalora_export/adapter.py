@@ -140,8 +140,17 @@ def adapter_delta(adapter: QALoRAAdapter, name: str, in_features: int) -> torch.
 
 
 def save_adapter(adapter: QALoRAAdapter, out_dir: Path, base_model_path: str = "",
-                 overwrite: bool = False) -> None:
-    """Write ``adapter`` in PEFT's layout plus our metadata, atomically (temp dir, then rename)."""
+                 overwrite: bool = False, *, contiguous_base: bool = False,
+                 extra_files: Optional[dict[str, str | bytes]] = None) -> None:
+    """Write ``adapter`` in PEFT's layout plus our metadata, atomically (temp dir, then rename).
+
+    Args:
+        contiguous_base: the base's quantization groups are runs of ``pool_group_size``
+            consecutive columns (no act-order), so an adapter pooling over them ("quantization")
+            pools exactly as PEFT does: ``use_qalora`` is then set and PEFT loads it.
+        extra_files: more files (name -> text or bytes) written into the same directory inside
+            the same atomic step (e.g. the trainer's ``training_log.jsonl``).
+    """
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -156,7 +165,7 @@ def save_adapter(adapter: QALoRAAdapter, out_dir: Path, base_model_path: str = "
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "use_qalora": adapter.pooling == "peft" and adapter.pool_groups == "consecutive",
+        "use_qalora": adapter.pooling == "peft" and (adapter.pool_groups == "consecutive" or contiguous_base),
         "qalora_group_size": adapter.pool_group_size,
         "modules_to_save": None,
     }
@@ -178,6 +187,11 @@ def save_adapter(adapter: QALoRAAdapter, out_dir: Path, base_model_path: str = "
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / ADAPTER_METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
+        for name, content in (extra_files or {}).items():
+            if Path(name).name != name or name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, ADAPTER_METADATA):
+                raise AdapterError(f"extra adapter file name {name!r} must be a plain new file name")
+            target = tmp / name
+            target.write_bytes(content) if isinstance(content, bytes) else target.write_text(content)
 
 
 def _target_names(layers: dict[str, AdapterLayer]) -> list[str]:

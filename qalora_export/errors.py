@@ -46,3 +46,7 @@ class UnsupportedModelError(QALoRAExportError, ValueError):
 
 class VerificationError(QALoRAExportError):
     """An artifact failed the verification gate (used by callers that want an exception)."""
+
+
+class TrainingError(QALoRAExportError, RuntimeError):
+    """Training cannot go on (the loss became NaN or inf); nothing is written."""

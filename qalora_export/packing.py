@@ -130,8 +130,43 @@ def unpack_codes(words: torch.Tensor, bits: int, dim: int, n_codes: int | None =
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(codes, 0, dim)))
 
 
+def _unpack_plan(bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-code constants of one packing cycle, as ``[1, per_cycle, 1]`` int32/int64 tensors.
+
+    Code ``j`` starts at bit ``b*j`` of its cycle: word ``w_j``, offset ``o_j``. Its low part is
+    ``(word[w_j] >> o_j) & low_mask_j``; a code that straddles into the next word (3-bit codes 10
+    and 21) takes its high part ``(word[w_j + 1] & spill_mask_j) << (32 - o_j)``, which is zero for
+    every other code (``spill_mask_j = 0``).
+    """
+    key = (bits, str(device))
+    plan = _UNPACK_PLANS.get(key)
+    if plan is None:
+        per_cycle = cycle_codes(bits)
+        words_per_cycle = per_cycle * bits // WORD_BITS
+        word, offset, low_mask, spill_mask, high_shift = [], [], [], [], []
+        for j in range(per_cycle):
+            w, o = divmod(bits * j, WORD_BITS)
+            straddles = o + bits > WORD_BITS
+            word.append(w)
+            offset.append(o)
+            low_mask.append((1 << (WORD_BITS - o)) - 1 if straddles else (1 << bits) - 1)
+            spill_mask.append((1 << (o + bits - WORD_BITS)) - 1 if straddles else 0)
+            high_shift.append(WORD_BITS - o if straddles else 0)
+        as_col = lambda v, dt=torch.int32: torch.tensor(v, dtype=dt, device=device).view(1, -1, 1)  # noqa: E731
+        plan = (as_col(word, torch.int64), as_col([min(w + 1, words_per_cycle - 1) for w in word], torch.int64),
+                as_col(offset), as_col(low_mask), as_col(spill_mask), as_col(high_shift))
+        _UNPACK_PLANS[key] = plan
+    return plan
+
+
+_UNPACK_PLANS: dict[tuple[int, str], tuple[torch.Tensor, ...]] = {}
+
+
 def unpack_codes_torch(words: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     """:func:`unpack_codes` along dim 0 with torch ops, on the words' device (for forward passes).
+
+    Vectorised over the codes of a cycle (a handful of whole-tensor ops, no per-code loop), since
+    the QA-LoRA layer unpacks its frozen base at every forward.
 
     Args:
         words: int32 ``[n_words, cols]``.
@@ -142,17 +177,13 @@ def unpack_codes_torch(words: torch.Tensor, bits: int, n_codes: int) -> torch.Te
     per_cycle = cycle_codes(bits)
     words_per_cycle = per_cycle * bits // WORD_BITS
     n_words, cols = words.shape
+    word, next_word, offset, low_mask, spill_mask, high_shift = _unpack_plan(bits, words.device)
     w = words.reshape(n_words // words_per_cycle, words_per_cycle, cols)
-    mask = (1 << bits) - 1
-    parts = []
-    for j in range(per_cycle):
-        word, offset = divmod(bits * j, WORD_BITS)
+    if words_per_cycle == 1:  # 2, 4, 8 bits: whole codes per word, broadcast the word over its codes
         # Arithmetic right shift of int32 then masking keeps only the field's bits.
-        value = torch.bitwise_right_shift(w[:, word], offset) & mask
-        if offset + bits > WORD_BITS:
-            spill = offset + bits - WORD_BITS
-            high = w[:, word + 1] & ((1 << spill) - 1)
-            value = value & ((1 << (WORD_BITS - offset)) - 1) | torch.bitwise_left_shift(high, WORD_BITS - offset)
-        parts.append(value)
-    codes = torch.stack(parts, dim=1).reshape(-1, cols)
-    return codes[:n_codes]
+        codes = torch.bitwise_right_shift(w, offset).bitwise_and_(low_mask)
+    else:  # 3 bits: 32 codes in 3 words, two of them straddling a word boundary
+        codes = w.index_select(1, word.view(-1)).bitwise_right_shift_(offset).bitwise_and_(low_mask)
+        high = w.index_select(1, next_word.view(-1)).bitwise_and_(spill_mask).bitwise_left_shift_(high_shift)
+        codes.bitwise_or_(high)
+    return codes.reshape(-1, cols)[:n_codes]

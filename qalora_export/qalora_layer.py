@@ -72,10 +72,21 @@ class QALoRALinear(nn.Module):
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``W_hat`` ``[out, in]``: computed in float32 (float64 zeros applied exactly), then cast."""
         codes = unpack_codes_torch(self.qweight, self.bits, self.in_features)  # [in, out]
-        scale = self.scales[self.g_idx]  # [in, out]
-        zero = self.zeros[self.g_idx]
-        w = (scale.to(torch.float64) * (codes.to(torch.float64) - zero)) if dtype == torch.float64 else \
-            scale * (codes.to(torch.float32) - zero.to(torch.float32))
+        if dtype == torch.float64:
+            scale = self.scales[self.g_idx]  # [in, out]
+            zero = self.zeros[self.g_idx]
+            return (scale.to(torch.float64) * (codes.to(torch.float64) - zero)).T
+        # float32, then cast: the same elementwise float32 operations as
+        # ``scale[g_idx] * (codes - zero[g_idx])`` (so the same bits), done in place and, for
+        # contiguous groups, broadcast per group instead of gathering [in, out] scale/zero copies:
+        # this runs for every layer at every forward.
+        w = codes.to(torch.float32)
+        zero = self.zeros.to(torch.float32)  # [G, out]
+        if self.contiguous_groups:
+            grouped = w.view(self.num_groups, -1, self.out_features)  # [G, group_size, out]
+            grouped.sub_(zero.unsqueeze(1)).mul_(self.scales.unsqueeze(1))
+        else:
+            w.sub_(zero[self.g_idx]).mul_(self.scales[self.g_idx])
         return w.T.to(dtype or self.compute_dtype)
 
     def pool_sum(self, x: torch.Tensor) -> torch.Tensor:
