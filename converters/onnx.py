@@ -519,10 +519,10 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
             ort_tokens = decoder.greedy(prompt, max_new_tokens, eos)
             # onnxruntime-genai masks every prompt token equal to pad_token_id out of the attention
             # (often pad == eos, e.g. <|im_end|> inside a chat prompt), which computes something
-            # else; it is checked on the prompt up to its first pad token instead.
-            genai_prompt = prompt[:prompt.index(pad)] if pad in prompt else prompt
+            # else; it is checked, against PyTorch, on the prompt without its pad tokens instead.
+            genai_prompt = [t for t in prompt if t != pad] if pad in prompt else prompt
             if not genai_prompt:
-                genai = {"skipped": f"prompt starts with pad_token_id {pad}"}
+                genai = {"skipped": f"prompt is all pad_token_id {pad}"}
             else:
                 g_ref, g_margins = ((ref_tokens, margins) if genai_prompt is prompt else
                                     onnxrt.torch_greedy(ref, genai_prompt, max_new_tokens, eos))
