@@ -11,6 +11,11 @@ the layer stays foldable on act-order bases; on contiguous bases that is PEFT's 
 
 The base is stored packed (``qweight`` int32 ``[in * b / 32, out]``, as in the checkpoint) and
 dequantized at every forward; nothing but ``lora_A``/``lora_B`` takes gradients.
+
+On CUDA with triton installed (``use_kernels="auto"``) the forward and backward run the fused
+kernels of :mod:`qalora_export.kernels` (the adapter delta folded into one dequant pass, one GEMM
+per direction; a GEMV for one token); this module's PyTorch path is the reference they are tested
+against, and what runs on CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterLayer, pooling_factor
+from .kernels import check_kernel_mode, kernels_selected
 from .packing import pack_codes, unpack_codes_torch
 from .quant import QuantizedLinear
 
@@ -34,11 +40,15 @@ class QALoRALinear(nn.Module):
         alpha: ``lora_alpha``.
         pooling: convention used for ``k`` ("mean", "sum", "peft").
         compute_dtype: dtype of the dequantized weight and the matmul.
+        use_kernels: "auto" (Triton kernels when the tensors are on CUDA and triton is installed),
+            "never" (the PyTorch reference path), "always" (the kernels; on CPU only under
+            ``TRITON_INTERPRET=1``). See :mod:`qalora_export.kernels`.
     """
 
     def __init__(self, layer: QuantizedLinear, rank: int = 0, alpha: float = 0.0,
-                 pooling: str = "peft", compute_dtype: torch.dtype = torch.float32):
+                 pooling: str = "peft", compute_dtype: torch.dtype = torch.float32, use_kernels: str = "auto"):
         super().__init__()
+        self.use_kernels = check_kernel_mode(use_kernels)
         self.name = layer.name
         self.bits = layer.bits
         self.in_features = layer.in_features
@@ -97,6 +107,10 @@ class QALoRALinear(nn.Module):
         return out.index_add(-1, self.g_idx, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels != "never" and kernels_selected(self.use_kernels, self.qweight, x):
+            from .kernels.fused_linear import qalora_forward  # imports triton
+
+            return qalora_forward(self, x)
         w = self.dequantized_weight(self.compute_dtype)
         y = torch.nn.functional.linear(x.to(self.compute_dtype), w,
                                        None if self.bias is None else self.bias.to(self.compute_dtype))

@@ -3,6 +3,7 @@ from the network if the cache is warm) and tiny model factories (``tiny_models``
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,6 +12,14 @@ import pytest
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton's CPU interpreter for the kernel tests (tests/kernels/) on machines without CUDA. It must be
+# set before anything imports triton (triton.jit reads it at decoration time, and GPTQModel imports
+# triton), hence here. torch.cuda.is_available() does not initialise CUDA.
+if importlib.util.find_spec("triton") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
