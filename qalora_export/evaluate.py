@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,6 +25,25 @@ import torch
 from torch import nn
 
 from .data import IGNORE_INDEX, TokenizedExample, collate, render, to_messages
+from .qalora_layer import QALoRALinear
+
+
+@contextlib.contextmanager
+def cached_base_weights(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Dequantize every frozen base weight once for the block (``QALoRALinear``'s cache).
+
+    Generation runs every layer once per new token, so without the cache each token pays a full
+    dequant pass over the model; with it, one float copy of the weights stays in memory for the
+    block (about 4 bytes per parameter in float32).
+    """
+    modules = [m for m in model.modules() if isinstance(m, QALoRALinear)] if enabled else []
+    try:
+        for module in modules:
+            module.cache_dequantized_weight(True)
+        yield
+    finally:
+        for module in modules:
+            module.cache_dequantized_weight(False)
 
 
 def autocast_context(device: torch.device | str):
@@ -69,19 +88,21 @@ def batches(dataset: Sequence[TokenizedExample], batch_size: int) -> list[list[T
 
 @torch.no_grad()
 def held_out_loss(model: nn.Module, dataset: Sequence[TokenizedExample], pad_token_id: int,
-                  batch_size: int = 8, device: torch.device | str = "cpu") -> float:
+                  batch_size: int = 8, device: torch.device | str = "cpu", cache_weights: bool = False) -> float:
     """Mean cross-entropy per response token over ``dataset`` (nan when it has none).
 
+    ``cache_weights`` dequantizes the base once for all batches (:func:`cached_base_weights`).
     The model is left in eval mode.
     """
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(dataset, batch_size):
-        tensors = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
-        with autocast_context(device):
-            loss_sum, n = response_loss(model, **tensors)
-        total += float(loss_sum)
-        count += n
+    with cached_base_weights(model, cache_weights and len(dataset) > batch_size):
+        for batch in batches(dataset, batch_size):
+            tensors = {k: v.to(device) for k, v in collate(batch, pad_token_id).items()}
+            with autocast_context(device):
+                loss_sum, n = response_loss(model, **tensors)
+            total += float(loss_sum)
+            count += n
     return total / count if count else math.nan
 
 
@@ -119,13 +140,15 @@ def prompt_and_answer(example: dict[str, Any]) -> tuple[list[dict[str, str]], st
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]],
-                    max_new_tokens: int = 32, device: torch.device | str = "cpu") -> list[str]:
+                    max_new_tokens: int = 32, device: torch.device | str = "cpu",
+                    cache_weights: bool = True) -> list[str]:
     """Greedy continuations of chat prompts, decoded without special tokens.
 
     Prompts are rendered the way ``data.py`` renders training data (chat template with the
     generation prompt, or the plain fallback) and tokenized without extra special tokens; the
     batch is left-padded so every row continues from its last real token. Generation stops at
-    the tokenizer's EOS.
+    the tokenizer's EOS. ``cache_weights`` dequantizes the base once for the call
+    (:func:`cached_base_weights`) instead of once per generated token.
     """
     model.eval()
     eos = tokenizer.eos_token_id
@@ -138,7 +161,7 @@ def greedy_generate(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence
     for row, ids in enumerate(encoded):
         input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids):] = 1
-    with autocast_context(device):
+    with autocast_context(device), cached_base_weights(model, cache_weights):
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              eos_token_id=eos, pad_token_id=pad)
@@ -150,7 +173,8 @@ def exact_match_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[di
                          check_answer: Callable[[dict[str, Any], str], bool],
                          max_new_tokens: int = 32, batch_size: int = 16,
                          device: torch.device | str = "cpu",
-                         progress: Optional[Callable[[int, int], None]] = None) -> AccuracyResult:
+                         progress: Optional[Callable[[int, int], None]] = None,
+                         cache_weights: bool = True) -> AccuracyResult:
     """Share of ``examples`` whose greedy answer ``check_answer(example, text)`` accepts.
 
     Args:
@@ -158,18 +182,28 @@ def exact_match_accuracy(model: nn.Module, tokenizer: Any, examples: Sequence[di
             messages ending with the expected assistant answer).
         check_answer: the task's checker, e.g. ``fixtures.instruct_task.check_answer``.
         progress: called with (examples done, total) after each batch.
+        cache_weights: keep the dequantized base for the whole evaluation (one float copy of
+            the weights in memory; much faster generation).
     """
     result = AccuracyResult(correct=0, total=0)
-    for start in range(0, len(examples), batch_size):
-        chunk = list(examples[start:start + batch_size])
-        prompts, expected = zip(*(prompt_and_answer(ex) for ex in chunk))
-        texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, device)
-        for example, prompt, answer, text in zip(chunk, prompts, expected, texts):
-            ok = bool(check_answer(example, text))
-            result.correct += int(ok)
-            result.total += 1
-            result.samples.append(GenerationSample(prompt=prompt[-1]["content"], expected=answer,
-                                                   generated=text, correct=ok))
-        if progress is not None:
-            progress(result.total, len(examples))
+    with cached_base_weights(model, cache_weights):
+        for start in range(0, len(examples), batch_size):
+            result = _accuracy_batch(model, tokenizer, examples, start, batch_size, check_answer,
+                                     max_new_tokens, device, result)
+            if progress is not None:
+                progress(result.total, len(examples))
+    return result
+
+
+def _accuracy_batch(model, tokenizer, examples, start, batch_size, check_answer, max_new_tokens, device,
+                    result: AccuracyResult) -> AccuracyResult:
+    chunk = list(examples[start:start + batch_size])
+    prompts, expected = zip(*(prompt_and_answer(ex) for ex in chunk))
+    texts = greedy_generate(model, tokenizer, prompts, max_new_tokens, device, cache_weights=False)
+    for example, prompt, answer, text in zip(chunk, prompts, expected, texts):
+        ok = bool(check_answer(example, text))
+        result.correct += int(ok)
+        result.total += 1
+        result.samples.append(GenerationSample(prompt=prompt[-1]["content"], expected=answer,
+                                               generated=text, correct=ok))
     return result

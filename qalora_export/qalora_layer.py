@@ -60,6 +60,7 @@ class QALoRALinear(nn.Module):
         self.register_buffer("zeros", layer.zeros.to(torch.float64).contiguous(), persistent=False)
         self.register_buffer("g_idx", layer.g_idx.to(torch.int64).contiguous(), persistent=False)
         self.contiguous_groups = not layer.is_act_order
+        self._weight_cache: Optional[torch.Tensor] = None  # see cache_dequantized_weight
         self.register_buffer("bias", None if layer.bias is None else layer.bias.clone(), persistent=False)
         self.rank = rank
         self.pooling = pooling
@@ -99,6 +100,17 @@ class QALoRALinear(nn.Module):
             w.sub_(zero[self.g_idx]).mul_(self.scales[self.g_idx])
         return w.T.to(dtype or self.compute_dtype)
 
+    def cache_dequantized_weight(self, enabled: bool = True) -> None:
+        """Keep ``W_hat`` (compute dtype) between forwards instead of dequantizing at every one.
+
+        For inference loops that run every layer once per token (greedy generation), where the
+        dequant pass, not the tiny GEMM, is the cost. Exact: the cached tensor is the one the
+        forward would compute. Costs one float weight per layer until disabled; call it after
+        moving the model to its device, and disable it before the codes or zeros change.
+        The Triton kernel path (CUDA) ignores the cache.
+        """
+        self._weight_cache = self.dequantized_weight(self.compute_dtype).detach() if enabled else None
+
     def pool_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` ``[..., in]`` over each quantization group: ``[..., G]``."""
         if self.contiguous_groups:
@@ -111,7 +123,7 @@ class QALoRALinear(nn.Module):
             from .kernels.fused_linear import qalora_forward  # imports triton
 
             return qalora_forward(self, x)
-        w = self.dequantized_weight(self.compute_dtype)
+        w = self._weight_cache if self._weight_cache is not None else self.dequantized_weight(self.compute_dtype)
         y = torch.nn.functional.linear(x.to(self.compute_dtype), w,
                                        None if self.bias is None else self.bias.to(self.compute_dtype))
         if self.rank:

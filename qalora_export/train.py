@@ -380,7 +380,12 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     stream = BatchStream(len(data.train), config.batch_size, config.seed)
 
     eval_batch = max(config.batch_size, 8)
-    before = held_out_loss(model, data.held_out, data.pad_token_id, eval_batch, dev) if data.held_out else None
+    cache = dev.type == "cpu"  # a float copy of the base for the evaluation only; small next to training's peak
+
+    def evaluate_held_out() -> Optional[float]:
+        return held_out_loss(model, data.held_out, data.pad_token_id, eval_batch, dev, cache) if data.held_out else None
+
+    before = evaluate_held_out()
 
     losses: list[float] = []
     log_rows: list[str] = []
@@ -401,7 +406,7 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
             progress(step, loss)
     seconds = time.perf_counter() - start
 
-    after = held_out_loss(model, data.held_out, data.pad_token_id, eval_batch, dev) if data.held_out else None
+    after = evaluate_held_out()
     training = {
         "steps": config.steps, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
         "max_length": config.max_length, "schedule": config.schedule, "warmup_steps": config.warmup_steps,

@@ -87,3 +87,20 @@ def test_exact_match_accuracy_counts_the_checker(model, tokenizer):
     assert seen == [(2, 3), (3, 3)]
     assert [s.expected for s in result.samples] == ["w12 w11 w10", "w25", "w31 w32"]
     assert result.samples[1].correct and not result.samples[0].correct
+
+
+def test_cached_base_weights_change_nothing_and_are_released(model, tokenizer):
+    from qalora_export.evaluate import cached_base_weights
+    from qalora_export.qalora_layer import QALoRALinear
+
+    prompts = [[{"role": "user", "content": "w10 w11 w12"}], [{"role": "user", "content": "w7"}]]
+    plain = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, cache_weights=False)
+    assert greedy_generate(model, tokenizer, prompts, max_new_tokens=5, cache_weights=True) == plain
+    ids = torch.randint(4, tiny_models.TINY_VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    layers = [m for m in model.modules() if isinstance(m, QALoRALinear)]
+    with torch.no_grad():
+        reference = model(ids).logits
+        with cached_base_weights(model):
+            assert all(m._weight_cache is not None for m in layers)
+            assert torch.equal(model(ids).logits, reference)  # bit-identical
+    assert all(m._weight_cache is None for m in layers)
