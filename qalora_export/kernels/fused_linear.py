@@ -17,7 +17,9 @@ the weight is re-dequantized (0.3 ms for a 7B layer's 7 projections on an H100, 
 rather than kept, unless ``keep_weight=True``.
 
 Dtypes: the weight and both GEMMs run in ``compute_dtype``; ``M`` and the adapter gradients are
-float32 (float64 when computing in float64); ``pool_sum`` accumulates in float32.
+float32 (float64 when computing in float64); ``pool_sum`` accumulates in float32. Autocast is
+switched off inside the Function (``train`` runs under bf16 autocast on CUDA), so that these
+dtypes hold there too: otherwise ``B @ A`` would be rounded to bf16 before it is folded in.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ class FusedQALoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, base: PackedBase, factor: float, compute_dtype: torch.dtype,
                 keep_weight: bool = False):
+        with torch.autocast(x.device.type, enabled=False):
+            return FusedQALoRALinearFunction._forward(ctx, x, lora_a, lora_b, bias, base, factor, compute_dtype,
+                                                      keep_weight)
+
+    @staticmethod
+    def _forward(ctx, x, lora_a, lora_b, bias, base, factor, compute_dtype, keep_weight):
         has_adapter = lora_a is not None
         mdtype = adapter_dtype(compute_dtype)
         delta = adapter_delta(lora_a, lora_b, factor, mdtype) if has_adapter else None
@@ -92,6 +100,11 @@ class FusedQALoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
+        with torch.autocast(gy.device.type, enabled=False):
+            return FusedQALoRALinearFunction._backward(ctx, gy)
+
+    @staticmethod
+    def _backward(ctx, gy):
         pooled, lora_a, lora_b, wt = ctx.saved_tensors
         base, factor, compute_dtype = ctx.base, ctx.factor, ctx.compute_dtype
         gy = gy.to(compute_dtype)

@@ -130,6 +130,19 @@ def test_no_adapter_layer():
     assert_all_close(run(fused, x, gy), run(ref, x, gy), 1e-12, "rank 0")
 
 
+def test_autocast_does_not_change_the_fused_dtypes():
+    """Under bf16 autocast (as ``train`` runs on CUDA) the float32 fused layer computes exactly as without it."""
+    _, fused = make_pair(4, False, torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, IN, generator=gen).to(kt.DEVICE)
+    gy = torch.randn(3, OUT, generator=gen).to(kt.DEVICE)
+    want = run(fused, x, gy)
+    with torch.autocast(kt.DEVICE.type, dtype=torch.bfloat16):
+        got = run(fused, x, gy)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_token_without_grad_takes_the_decode_kernel(dtype, monkeypatch):
     ref, fused = make_pair(4, True, dtype)
