@@ -241,6 +241,7 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
       when the merge is exact; when it rounded, reported as the measured cost of rounding (and
       gated only by ``require_exact``, which the caller applies).
     """
+    from qalora_export.evaluate import cached_base_weights
     from qalora_export.metrics import compare_logits, greedy_match, within_floor
     from qalora_export.model import build_model
     from qalora_export.runtimes.gptq_runtime import load_gptq_model, model_greedy, model_logits
@@ -249,13 +250,17 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
     exact = bool(meta.get("exact", True))
 
     unmerged = build_model(model.base, model.adapter)
-    ref_logits = model_logits(unmerged, prompts)
-    ref_greedy = model_greedy(unmerged, prompts, GREEDY_TOKENS)
+    with cached_base_weights(unmerged):  # dequantize once, not once per generated token
+        ref_logits = model_logits(unmerged, prompts)
+        ref_greedy = model_greedy(unmerged, prompts, GREEDY_TOKENS)
+    del unmerged
     if model.adapter is not None:
-        base_logits = model_logits(build_model(model.base, None), prompts)
+        plain = build_model(model.base, None)
+        with cached_base_weights(plain):
+            base_logits = model_logits(plain, prompts)
+        del plain
     else:
         base_logits = ref_logits
-    del unmerged
 
     runtime_base = load_gptq_model(model.base.directory, device)
     floor = compare_logits(base_logits, model_logits(runtime_base, prompts))
@@ -266,7 +271,13 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
     art_greedy = model_greedy(runtime, prompts, GREEDY_TOKENS)
     del runtime
 
-    declared_logits = ref_logits if exact else model_logits(build_model(artifact, None), prompts)
+    if exact:
+        declared_logits = ref_logits
+    else:
+        declared = build_model(artifact, None)
+        with cached_base_weights(declared):
+            declared_logits = model_logits(declared, prompts)
+        del declared
     vs_declared = compare_logits(declared_logits, art_logits)
     vs_unmerged = compare_logits(ref_logits, art_logits)
 
