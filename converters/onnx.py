@@ -473,6 +473,10 @@ def _greedy_check(ref_tokens: list[int], margins: list[float], got: list[int], t
             "reference_margin": margins[first] if first < len(margins) else None, "tokens": got}
 
 
+def _strip_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in eos else tokens
+
+
 def _retie(check: dict, tie_limit: float) -> dict:
     """Re-judge a greedy check once the near-tie limit is known (margins kept in the check)."""
     margins = check.pop("reference_margins", None)
@@ -526,7 +530,9 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
             else:
                 g_ref, g_margins = ((ref_tokens, margins) if genai_prompt is prompt else
                                     onnxrt.torch_greedy(ref, genai_prompt, max_new_tokens, eos))
-                genai = _greedy_check(g_ref, g_margins, onnxrt.genai_greedy(view, genai_prompt, max_new_tokens), 0.0)
+                # genai ends a sequence at eos without returning the eos token: compare without it
+                g_out = _strip_eos(onnxrt.genai_greedy(view, genai_prompt, max_new_tokens), eos)
+                genai = _greedy_check(_strip_eos(g_ref, eos), g_margins, g_out, 0.0)
                 genai["prompt_tokens"] = len(genai_prompt)
                 genai["reference_margins"] = g_margins
             greedy.append((ref_tokens, margins, ort_tokens, genai))
