@@ -499,7 +499,7 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     greedy disagreement passes only at a near-tie (reference top-2 margin within
     ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|).
     """
-    from qalora_export.metrics import compare_logits
+    from qalora_export.evaluate import cached_base_weights
     from qalora_export.model import build_model
     from qalora_export.runtimes import onnxrt
 
@@ -513,6 +513,16 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     pad = onnxrt.pad_id(view)
     decoder = onnxrt.OrtDecoder(view)
     ref_all, ort_all, kv_all, greedy = [], [], [], []
+    # The reference's frozen base is dequantized once for the whole run, not once per greedy step.
+    with cached_base_weights(ref):
+        _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all, ort_all, kv_all, greedy)
+    return _judge(prompts, ref_all, ort_all, kv_all, greedy)
+
+
+def _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all, ort_all, kv_all, greedy) -> None:
+    """Collect reference and onnxruntime logits, KV-cache logits and greedy continuations per prompt."""
+    from qalora_export.runtimes import onnxrt
+
     try:
         for prompt in prompts:
             with torch.no_grad():
@@ -538,6 +548,13 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
             greedy.append((ref_tokens, margins, ort_tokens, genai))
     finally:
         decoder.close()
+
+
+def _judge(prompts, ref_all, ort_all, kv_all, greedy) -> dict:
+    """Apply ``onnx_spec``'s tolerances to what :func:`_run_prompts` collected."""
+    from qalora_export.metrics import compare_logits
+    from qalora_export.runtimes import onnxrt
+
     logits = compare_logits(ref_all, ort_all)
     kv = compare_logits(ort_all, kv_all)
     logit_scale = max(float(np.abs(r).max()) for r in ref_all) or 1.0

@@ -203,8 +203,9 @@ def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
         p.add_argument("--clamp-zeros", action="store_true",
                        help="clamp folded zeros outside the format's range instead of refusing (reported)")
     if fmt in (None, "onnx"):
-        p.add_argument("--zero-points", choices=("float", "uint8"), default="float",
-                       help="float holds the fold exactly; uint8 needs integral zeros")
+        p.add_argument("--zero-points", choices=("float", "split", "uint8"), default="float",
+                       help="float: exact, onnxruntime's slow CPU path; split: exact, uint8 integer part plus a "
+                            "per-group correction (fast path); uint8: needs integral zeros (or --allow-rounding)")
         p.add_argument("--accuracy-level", type=int, choices=range(0, 5), default=0,
                        help="MatMulNBits accuracy_level (4 = int8 activations, faster, not exact)")
         p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="activation/scale dtype")
