@@ -28,6 +28,7 @@ import torch
 from qalora_export.errors import ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_file
 from qalora_export.merged import MergedModel
+from qalora_export.packing import WORD_BITS
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 
 from . import gguf_spec as spec
@@ -162,7 +163,7 @@ def preflight_q4_1(model: MergedModel) -> None:
     """Check every quantized layer against Q4_1 from headers and ``g_idx`` alone, before writing."""
     shape_of = _Shapes(model)
     for name in model.quantized_modules:
-        in_f = shape_of(f"{name}.qweight")[0] * 32 // model.bits
+        in_f = shape_of(f"{name}.qweight")[0] * WORD_BITS // model.bits
         gs = model.group_size if model.group_size > 0 else in_f
         act_order = False
         if f"{name}.g_idx" in shape_of.files and not gs % spec.QK4_1:
@@ -265,7 +266,7 @@ def _plan(model: MergedModel, hp: HyperParams, embeddings: str, weights_dtype: s
         if stem is None:
             raise UnsupportedModelError(f"quantized module {module} has no llama.cpp tensor name")
         qweight = shape_of(f"{module}.qweight")
-        out_f, in_f = qweight[1], qweight[0] * 32 // model.bits
+        out_f, in_f = qweight[1], qweight[0] * WORD_BITS // model.bits
         perm = perm_for(module, out_f)
 
         def q4_1() -> np.ndarray:
@@ -339,7 +340,8 @@ def _plan(model: MergedModel, hp: HyperParams, embeddings: str, weights_dtype: s
 # ------------------------------------------------------------------------------------- export
 
 
-def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: str, embeddings: str, tok) -> None:
+def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: str, embeddings: str, tok,
+                  n_vocab: int) -> None:
     from gguf import RopeScalingType
 
     cfg = model.model_config
@@ -347,7 +349,7 @@ def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: st
     writer.add_name(str(cfg.get("_name_or_path") or model.base.directory.name))
     writer.add_file_type(spec.FILE_TYPES[weights_dtype])
     writer.add_quantization_version(spec.QUANTIZATION_VERSION)
-    writer.add_vocab_size(hp.vocab_size)
+    writer.add_vocab_size(n_vocab)  # the embedding's rows (config vocab_size may differ)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden)
     writer.add_block_count(hp.n_layer)
@@ -416,7 +418,7 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
 
     with atomic_output_file(out, overwrite) as tmp:
         writer = GGUFWriter(tmp, hp.arch.gguf_arch)
-        _add_metadata(writer, model, hp, weights_dtype, embeddings, tok)
+        _add_metadata(writer, model, hp, weights_dtype, embeddings, tok, embd.shape[0])
         for t in tensors:
             if t.ggml_type in ("Q4_1", "Q8_0"):
                 qtype = GGMLQuantizationType[t.ggml_type]

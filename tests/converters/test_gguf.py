@@ -342,3 +342,31 @@ def test_header_scan_matches_gguf_py(artifact, smollm2_gguf):
         assert spec.scan_tensor_types(path) == {t.name: int(t.tensor_type) for t in _reader(path).tensors}
     with pytest.raises(ValueError, match="not a GGUF"):
         spec.scan_tensor_types(Path(__file__))
+
+
+def test_attention_biases_are_permuted_like_rows(tmp_path):
+    """LLaMA with attention_bias: q/k biases take the rows' permutation; llama.cpp then matches transformers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qalora_export.quantize import quantize_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=gguf_helpers.BPE_VOCAB, max_position_embeddings=256,
+                      attention_bias=True, rms_norm_eps=1e-5)
+    net = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
+    net.save_pretrained(str(tmp_path / "float"))
+    quantize_model(tmp_path / "float", tmp_path / "base", 4, 32, "gptq_v2")
+    gguf_helpers.make_tiny_bpe_tokenizer(tmp_path / "base")
+    model = MergedModel.open(tmp_path / "base")
+    assert "model.layers.0.self_attn.q_proj.bias" in model.base.tensor_files
+    assert _f32_kl(model, tmp_path) < 1e-6
+    out = tmp_path / "q.gguf"
+    G.export(model, out)
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(spec.scan_tensor_types(out))
