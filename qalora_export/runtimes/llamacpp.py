@@ -83,9 +83,11 @@ def greedy(gguf_path: Path | str, prompt_ids: list[int], n_new: int, n_threads: 
 def tokenize(gguf_path: Path | str, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
     """Token ids llama.cpp's own tokenizer (from the file's ``tokenizer.ggml.*``) gives ``text``."""
     from llama_cpp import Llama
+    from llama_cpp._utils import suppress_stdout_stderr
 
     path = Path(gguf_path)
-    llm = Llama(str(path), vocab_only=True, verbose=False)
+    with suppress_stdout_stderr(disable=False):  # a vocab-only context still warns about n_ctx_train = 0
+        llm = Llama(str(path), vocab_only=True, verbose=False)
     try:
         return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
     finally:
