@@ -365,7 +365,6 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     tokenizer = load_tokenizer(base_dir)
     data = prepare_data(tokenizer, data_path, config)
 
-    torch.manual_seed(config.seed)
     model = build_model(ckpt, train_rank=config.rank, train_alpha=float(config.alpha), pooling=config.pooling,
                         compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
                         target_modules=tuple(config.target_modules))
