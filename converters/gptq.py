@@ -27,12 +27,14 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from qalora_export.errors import FoldError, FormatLimitError
-from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, INDEX_FILE, QUANTIZE_CONFIG_FILE,
-                                       CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer,
+from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE,
+                                       QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQCheckpoint,
+                                       GPTQConfig, encode_layer, encode_zero_points, write_checkpoint,
                                        write_configs, zero_range)
 from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import MergedModel
-from qalora_export.quant import QuantizedLinear
+from qalora_export.quant import QuantizedLinear, contiguous_g_idx
+from qalora_export.safetensors_stream import TensorSpec
 
 FORMAT = "gptq"
 META_KEY = "qalora_export"
@@ -103,7 +105,7 @@ def integer_zeros(layer: QuantizedLinear, checkpoint_format: str, clamp: bool) -
 
 def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = None,
            require_exact: bool = False, clamp_zeros: bool = False, overwrite: bool = False,
-           max_shard_bytes: int = 2 * 1024**3,
+           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
            progress: Optional[Callable[[str], None]] = None) -> dict:
     """Write ``model`` (base with the adapter folded in) as an AutoGPTQ checkpoint at ``out``.
 
@@ -121,34 +123,52 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
     summary = GPTQExportSummary(format=FORMAT, path=str(out), checkpoint_format=fmt, bits=base_cfg.bits,
                                 group_size=base_cfg.group_size, layers=len(model.quantized_modules), exact=True)
     out = Path(out)
+    specs = planned_tensors(model, fmt)
+
+    def produce(key: str) -> torch.Tensor:
+        """One output tensor. The fold changes only zero-points: qweight, scales, g_idx and bias
+        are the base's (cast to the format's dtypes), copied without unpacking."""
+        module, _, suffix = key.rpartition(".")
+        if module not in quantized or suffix not in OUTPUT_DTYPES:
+            return model.read_tensor(key)
+        if suffix == "qzeros":
+            return folded_zero_points(module)
+        if suffix == "g_idx" and key not in model.base.tensor_files:  # the base relies on i // group_size
+            group_size = base_cfg.group_size if base_cfg.group_size > 0 else in_features[module]
+            return contiguous_g_idx(in_features[module], group_size).to(torch.int32)
+        return model.read_tensor(key).to(OUTPUT_DTYPES[suffix]).contiguous()
+
+    def folded_zero_points(name: str) -> torch.Tensor:
+        folded, stats = model.read_layer(name, with_codes=False)
+        layer, zres = integer_zeros(folded, fmt, clamp_zeros)
+        if zres.moved and require_exact:
+            raise FoldError(
+                f"{name}: {zres.moved} of {folded.zeros.numel()} folded zero-points are not integers "
+                f"(largest rounding {zres.max_change:.3f} code units) and --require-exact was given; "
+                f"GPTQ stores integer zeros. Export to onnx or gguf (float zeros), or train with "
+                f"integer zeros"
+            )
+        layer_stats[name] = (folded.zeros.numel(), zres, stats)
+        if progress:
+            progress(name)
+        return encode_zero_points(layer, fmt)
+
+    quantized = set(model.quantized_modules)
+    in_features = {name: _in_features(model, name) for name in model.quantized_modules}
+    layer_stats: dict[str, tuple[int, ZeroPolicyResult, object]] = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        writer = CheckpointWriter(tmp, max_shard_bytes)
-        for name in model.quantized_modules:
-            if progress:
-                progress(name)
-            folded, stats = model.read_layer(name)
-            layer, zres = integer_zeros(folded, fmt, clamp_zeros)
-            if zres.moved and require_exact:
-                raise FoldError(
-                    f"{name}: {zres.moved} of {folded.zeros.numel()} folded zero-points are not integers "
-                    f"(largest rounding {zres.max_change:.3f} code units) and --require-exact was given; "
-                    f"GPTQ stores integer zeros. Export to onnx or gguf (float zeros), or train with "
-                    f"integer zeros"
-                )
-            summary.zeros_total += folded.zeros.numel()
+        _, total_bytes = write_checkpoint(tmp, specs, produce, max_shard_bytes)
+        for name in model.quantized_modules:  # summary in module order, whatever the file order
+            n_zeros, zres, stats = layer_stats[name]
+            summary.zeros_total += n_zeros
             summary.zeros_moved += zres.moved
             summary.zeros_clamped += zres.clamped
             summary.max_zero_change = max(summary.max_zero_change, zres.max_change)
             summary.max_fold_shift = max(summary.max_fold_shift, stats.max_abs_shift)
             summary.per_layer[name] = {"moved": zres.moved, "max_change": zres.max_change,
                                        "clamped": zres.clamped, "max_fold_shift": stats.max_abs_shift}
-            for suffix, tensor in encode_layer(layer, fmt).items():
-                writer.add_tensor(f"{name}.{suffix}", tensor)
-        for key in model.other_tensor_names():
-            writer.add_tensor(key, model.read_tensor(key))
-        writer.finish()
         summary.exact = summary.zeros_moved == 0 and summary.zeros_clamped == 0
-        summary.bytes = writer.total_bytes
+        summary.bytes = total_bytes
         meta = {
             "merged": model.adapter is not None,
             "adapter_fingerprint": _adapter_fingerprint(model),
@@ -164,6 +184,43 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
         write_configs(tmp, model.model_config, config, {META_KEY: meta})
         copy_tokenizer_files(model.tokenizer_dir, tmp)
     return summary.to_json()
+
+
+# dtypes of a layer's tensors in this format's output (gptq_format's table); qzeros is re-encoded.
+OUTPUT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
+                 "bias": torch.float16}
+
+
+def _in_features(model: MergedModel, name: str) -> int:
+    _, shape = model.base.tensor_spec(f"{name}.qweight")
+    return shape[0] * 32 // model.bits
+
+
+def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSpec]:
+    """Every tensor the export writes, in writing order (per layer: qweight, qzeros, scales,
+    g_idx, bias; then the float tensors), from the base's headers alone.
+
+    Raises :class:`FormatLimitError` for 3-bit layers the runtimes cannot load (as ``encode_layer``).
+    """
+    base = model.base
+    specs: list[TensorSpec] = []
+    for name in model.quantized_modules:
+        _, qweight = base.tensor_spec(f"{name}.qweight")
+        _, qzeros = base.tensor_spec(f"{name}.qzeros")
+        _, scales = base.tensor_spec(f"{name}.scales")
+        in_f, out_f = qweight[0] * 32 // model.bits, qweight[1]
+        if model.bits == 3 and (in_f % THREE_BIT_WIDTH_MULTIPLE or out_f % THREE_BIT_WIDTH_MULTIPLE):
+            encode_layer(model.base.read_layer(name), checkpoint_format)  # raises the format's refusal
+        specs += [TensorSpec(f"{name}.qweight", OUTPUT_DTYPES["qweight"], qweight),
+                  TensorSpec(f"{name}.qzeros", OUTPUT_DTYPES["qzeros"], qzeros),
+                  TensorSpec(f"{name}.scales", OUTPUT_DTYPES["scales"], scales),
+                  TensorSpec(f"{name}.g_idx", OUTPUT_DTYPES["g_idx"], (in_f,))]
+        if f"{name}.bias" in base.tensor_files:
+            specs.append(TensorSpec(f"{name}.bias", OUTPUT_DTYPES["bias"], base.tensor_spec(f"{name}.bias")[1]))
+    for key in model.other_tensor_names():
+        dtype, shape = base.tensor_spec(key)
+        specs.append(TensorSpec(key, dtype, shape))
+    return specs
 
 
 def _adapter_fingerprint(model: MergedModel) -> Optional[str]:

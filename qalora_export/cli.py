@@ -109,7 +109,7 @@ def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -
     options: dict = {"overwrite": args.overwrite}
     if fmt == "gptq":
         options.update(checkpoint_format=args.checkpoint_format, require_exact=args.require_exact,
-                       clamp_zeros=args.clamp_zeros)
+                       clamp_zeros=args.clamp_zeros, max_shard_bytes=args.max_shard_size)
     elif fmt == "onnx":
         options.update(zero_points=args.zero_points, accuracy_level=args.accuracy_level, dtype=args.dtype)
         if args.allow_rounding:
@@ -188,6 +188,24 @@ def cmd_fetch_fixture(args) -> int:
 
 # --------------------------------------------------------------------------------------- parser
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _byte_size(text: str) -> int:
+    """``5GB`` / ``500MiB`` / ``123456`` -> bytes (argparse type; decimal and binary units)."""
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    unit = value[len(number):]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MiB or a byte count") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
+
 
 def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output path (directory; a .gguf file for gguf)")
@@ -202,6 +220,9 @@ def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
                        help="refuse to round fractional folded zero-points (GPTQ stores integers)")
         p.add_argument("--clamp-zeros", action="store_true",
                        help="clamp folded zeros outside the format's range instead of refusing (reported)")
+        p.add_argument("--max-shard-size", type=_byte_size, default="2GiB", metavar="SIZE",
+                       help="largest safetensors shard of the GPTQ output, e.g. 5GB, 500MiB or bytes "
+                            "(default 2GiB; a bigger single tensor gets a shard of its own)")
     if fmt in (None, "onnx"):
         p.add_argument("--zero-points", choices=("float", "split", "uint8"), default="float",
                        help="float: exact, onnxruntime's slow CPU path; split: exact, uint8 integer part plus a "

@@ -35,7 +35,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -44,6 +44,8 @@ from .errors import CheckpointError, ConfigError, FormatLimitError
 from .io_utils import read_json
 from .packing import SUPPORTED_BITS, cycle_codes, pack_codes, unpack_codes
 from .quant import QuantizedLinear
+from .safetensors_stream import (TensorSpec, write_tensor_bytes, plan_shards, shard_file_names, write_file,
+                                 write_index)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -133,6 +135,26 @@ def encode_layer(layer: QuantizedLinear, checkpoint_format: str) -> dict[str, to
             f"{layer.in_features} (out x in); GPTQModel and AutoGPTQ cannot load such a checkpoint. "
             f"Use --bits 2, 4 or 8 for this model"
         )
+    qzeros = encode_zero_points(layer, checkpoint_format)
+    tensors = {
+        "qweight": pack_codes(layer.codes.T, layer.bits, dim=0),
+        "qzeros": qzeros,
+        "scales": layer.scales.to(torch.float16).contiguous(),
+        "g_idx": layer.g_idx.to(torch.int32).contiguous(),
+    }
+    if layer.bias is not None:
+        tensors["bias"] = layer.bias.to(torch.float16).contiguous()
+    return tensors
+
+
+def encode_zero_points(layer: QuantizedLinear, checkpoint_format: str) -> torch.Tensor:
+    """``qzeros`` int32 ``[G, ceil(out * b / 32)]`` of a record whose zero-points are integral.
+
+    Needs only the record's zeros (codes may be a :func:`codes_placeholder`).
+
+    Raises:
+        FormatLimitError: a zero-point is fractional or outside :func:`zero_range`.
+    """
     zeros = layer.zeros.to(torch.float64)
     if not torch.equal(zeros, torch.round(zeros)):
         raise FormatLimitError(f"{layer.name}: GPTQ zero-points must be integers; round them first")
@@ -145,15 +167,7 @@ def encode_layer(layer: QuantizedLinear, checkpoint_format: str) -> dict[str, to
                if checkpoint_format == "gptq" and float(zeros.min()) >= 0 else "")
         )
     stored = zeros.to(torch.int64) - STORED_ZERO_OFFSET[checkpoint_format]
-    tensors = {
-        "qweight": pack_codes(layer.codes.T, layer.bits, dim=0),
-        "qzeros": pack_codes(stored, layer.bits, dim=1),
-        "scales": layer.scales.to(torch.float16).contiguous(),
-        "g_idx": layer.g_idx.to(torch.int32).contiguous(),
-    }
-    if layer.bias is not None:
-        tensors["bias"] = layer.bias.to(torch.float16).contiguous()
-    return tensors
+    return pack_codes(stored, layer.bits, dim=1)
 
 
 def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig,
@@ -197,7 +211,10 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig
     if not torch.isfinite(scales).all():
         raise CheckpointError(f"{name}.scales: contains NaN or inf; the checkpoint is corrupt")
     try:
-        codes = unpack_codes(qweight, bits, dim=0, n_codes=in_features).T.contiguous()
+        if qweight.is_meta:  # read_layer(with_codes=False): shape only, see codes_placeholder
+            codes = codes_placeholder(out_features, in_features)
+        else:
+            codes = unpack_codes(qweight, bits, dim=0, n_codes=in_features).T.contiguous()
         zeros = decode_zeros(qzeros, bits, out_features, config.checkpoint_format).to(torch.float64)
     except FormatLimitError as exc:
         raise CheckpointError(f"{name}: packed tensors do not match {bits}-bit, {in_features}x{out_features}: {exc}") from exc
@@ -209,6 +226,15 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig
         scales=scales.to(torch.float32), zeros=zeros, g_idx=g_idx,
         bias=None if bias is None else bias.to(torch.float32),
     )
+
+
+def codes_placeholder(out_features: int, in_features: int) -> torch.Tensor:
+    """A zero-stride uint8 ``[out, in]`` stand-in for codes that were not read (no memory).
+
+    Records read with ``with_codes=False`` carry it: everything but the codes (shapes, scales,
+    zeros, g_idx) is real, so the zero-point fold works on them; the codes stay packed in the file.
+    """
+    return torch.zeros((1, 1), dtype=torch.uint8).expand(out_features, in_features)
 
 
 def decode_zeros(qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str) -> torch.Tensor:
@@ -272,6 +298,7 @@ class GPTQCheckpoint:
             raise CheckpointError(f"{self.directory}: no *.qweight tensors; the weights are not GPTQ-quantized")
         self.quantized_modules: list[str] = modules
         self._handles: dict[Path, object] = {}
+        self._fingerprint: Optional[str] = None
 
     # -- tensors
     def _handle(self, path: Path):
@@ -296,10 +323,32 @@ class GPTQCheckpoint:
         except Exception as exc:
             raise CheckpointError(f"{path}: tensor {key} cannot be read ({exc}); the file is truncated or corrupt") from exc
 
-    def read_layer(self, name: str) -> QuantizedLinear:
-        """Decode the quantized linear ``name`` (without suffix) into a record."""
+    def tensor_spec(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """dtype and shape of one tensor, from its file's header (no data read)."""
+        path = self.tensor_files.get(key)
+        if path is None:
+            raise CheckpointError(f"{self.directory}: tensor {key} is missing")
+        try:
+            view = self._handle(path).get_slice(key)
+            dtype = _SAFETENSORS_DTYPES[view.get_dtype()]
+            return dtype, tuple(int(d) for d in view.get_shape())
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: tensor {key} has an unreadable header entry ({exc})") from exc
+
+    def read_layer(self, name: str, with_codes: bool = True) -> QuantizedLinear:
+        """Decode the quantized linear ``name`` (without suffix) into a record.
+
+        ``with_codes=False`` reads everything but ``qweight`` (its shape comes from the header) and
+        gives the record a :func:`codes_placeholder`: enough for the zero-point fold, which never
+        changes codes, at a fraction of the I/O and none of the unpacking.
+        """
         tensors = {s: self.read_tensor(f"{name}.{s}") for s in QUANT_SUFFIXES + ("bias",)
-                   if f"{name}.{s}" in self.tensor_files}
+                   if f"{name}.{s}" in self.tensor_files and (with_codes or s != "qweight")}
+        if not with_codes:
+            dtype, shape = self.tensor_spec(f"{name}.qweight")
+            tensors["qweight"] = torch.empty(shape, dtype=dtype, device="meta")
         return decode_layer(name, tensors, self.config)
 
     def iter_layers(self) -> Iterator[QuantizedLinear]:
@@ -315,7 +364,10 @@ class GPTQCheckpoint:
         """sha256 over quantization config and every quantized tensor's bytes, in name order.
 
         Independent of sharding and file layout; identifies the base an adapter was trained on.
+        Reads every quantized tensor once (one at a time); the result is kept for later calls.
         """
+        if self._fingerprint is not None:
+            return self._fingerprint
         h = hashlib.sha256()
         h.update(json.dumps([self.config.bits, self.config.group_size], sort_keys=True).encode())
         for name in self.quantized_modules:
@@ -324,11 +376,18 @@ class GPTQCheckpoint:
                 if key in self.tensor_files:
                     t = self.read_tensor(key).contiguous()
                     h.update(key.encode())
-                    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return "sha256:" + h.hexdigest()
+                    h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+                    del t
+        self._fingerprint = "sha256:" + h.hexdigest()
+        return self._fingerprint
 
     def close(self) -> None:
         self._handles.clear()
+
+
+_SAFETENSORS_DTYPES = {"I64": torch.int64, "F64": torch.float64, "F32": torch.float32, "I32": torch.int32,
+                       "BF16": torch.bfloat16, "F16": torch.float16, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def _index_tensors(directory: Path) -> dict[str, Path]:
@@ -386,10 +445,17 @@ def check_writable_zeros(layer: QuantizedLinear, checkpoint_format: str) -> None
 # --------------------------------------------------------------------------------------- writer
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+SHARD_METADATA = {"format": "pt"}
 
 
 class CheckpointWriter:
     """Streams tensors into safetensors shards of at most ``max_shard_bytes`` (then an index).
+
+    Each added tensor's bytes go straight to a spool file; when a shard is full, its safetensors
+    file is written from the spool (header first, then the tensors in ``save_file``'s order, one
+    at a time) and the spool is deleted. Memory stays at one tensor, whatever the shard size; the
+    files are byte-identical to ``safetensors.torch.save_file``'s. When every tensor's dtype and
+    shape are known up front, :func:`write_checkpoint` avoids the spool's second copy.
 
     States: open -> (add_tensor)* -> finish. Call it inside ``atomic_output_dir`` so that a
     failure leaves no partial checkpoint.
@@ -398,30 +464,48 @@ class CheckpointWriter:
     def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.directory = Path(directory)
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: list[TensorSpec] = []
         self._pending_bytes = 0
-        self._shards: list[list[str]] = []  # tensor names of each written shard
+        self._spool = None  # open file of the pending shard's tensor bytes, in arrival order
+        self._spool_offsets: dict[str, int] = {}
+        self._shards: list[list[TensorSpec]] = []
         self._finished = False
         self.total_bytes = 0
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if self._finished:
             raise RuntimeError("CheckpointWriter.add_tensor called after finish()")
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+        spec = TensorSpec.of(name, tensor)
+        if self._pending and self._pending_bytes + spec.nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
-        self._pending_bytes += size
-        self.total_bytes += size
+        if self._spool is None:
+            self._spool = open(self.directory / f".spool-{len(self._shards) + 1:05d}", "w+b")
+        self._spool_offsets[name] = self._spool.tell()
+        write_tensor_bytes(self._spool, tensor)
+        self._pending.append(spec)
+        self._pending_bytes += spec.nbytes
+        self.total_bytes += spec.nbytes
+
+    def _from_spool(self, name: str) -> torch.Tensor:
+        spec = next(s for s in self._pending if s.name == name)
+        self._spool.seek(self._spool_offsets[name])
+        data = bytearray(self._spool.read(spec.nbytes))
+        if not data:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        return torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         index = len(self._shards) + 1
-        path = self.directory / f".shard-{index:05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
-        self._shards.append(sorted(self._pending))
-        self._pending = {}
+        if self._spool is not None:
+            self._spool.flush()
+        write_file(self.directory / f".shard-{index:05d}.safetensors", self._pending, self._from_spool,
+                   metadata=SHARD_METADATA)
+        if self._spool is not None:
+            self._spool.close()
+            Path(self._spool.name).unlink()
+        self._spool, self._spool_offsets = None, {}
+        self._shards.append(self._pending)
+        self._pending = []
         self._pending_bytes = 0
 
     def finish(self) -> list[str]:
@@ -431,20 +515,32 @@ class CheckpointWriter:
         if self._pending or not self._shards:
             self._flush()
         self._finished = True
-        n = len(self._shards)
-        if n == 1:
-            (self.directory / ".shard-00001.safetensors").rename(self.directory / SINGLE_WEIGHTS_FILE)
-            return [SINGLE_WEIGHTS_FILE]
-        names = []
-        weight_map = {}
-        for i, keys in enumerate(self._shards, start=1):
-            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+        names = shard_file_names(len(self._shards), SINGLE_WEIGHTS_FILE)
+        for i, fname in enumerate(names, start=1):
             (self.directory / f".shard-{i:05d}.safetensors").rename(self.directory / fname)
-            names.append(fname)
-            weight_map.update({k: fname for k in keys})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if len(names) > 1:
+            write_index(self.directory / INDEX_FILE, self._shards, names, self.total_bytes)
         return names
+
+
+def write_checkpoint(directory: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> tuple[list[str], int]:
+    """Write the tensors ``specs`` (in this order) as shards of ``directory``, streaming.
+
+    ``produce(name)`` is asked for each tensor when its shard reaches it (shards in order; inside
+    a shard in safetensors' order), so one tensor is in memory at a time and no byte is written
+    twice. Same files as :class:`CheckpointWriter` given the same tensors in the same order.
+
+    Returns the weight file names and the total tensor bytes.
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_file_names(len(shards), SINGLE_WEIGHTS_FILE)
+    total = 0
+    for shard, fname in zip(shards, names):
+        total += write_file(Path(directory) / fname, shard, produce, metadata=SHARD_METADATA)
+    if len(names) > 1:
+        write_index(Path(directory) / INDEX_FILE, shards, names, total)
+    return names, total
 
 
 def write_configs(directory: Path, model_config: dict, config: GPTQConfig, extra_meta: Optional[dict] = None) -> None:

@@ -30,12 +30,13 @@ def _inspect_gptq(path: Path) -> dict:
     ckpt = GPTQCheckpoint(path)
     zmin, zmax, act_order, params = None, None, False, 0
     shapes = Counter()
-    for layer in ckpt.iter_layers():
+    for name in ckpt.quantized_modules:  # zeros, scales and g_idx only: codes stay packed on disk
+        layer = ckpt.read_layer(name, with_codes=False)
         lo, hi = float(layer.zeros.min()), float(layer.zeros.max())
         zmin = lo if zmin is None else min(zmin, lo)
         zmax = hi if zmax is None else max(zmax, hi)
         act_order |= layer.is_act_order
-        params += layer.codes.numel()
+        params += layer.out_features * layer.in_features
         shapes[f"{layer.out_features}x{layer.in_features}"] += 1
     qcfg = ckpt.model_config.get("quantization_config", {})
     return {

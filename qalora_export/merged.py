@@ -68,9 +68,13 @@ class MergedModel:
     def quantized_modules(self) -> list[str]:
         return self.base.quantized_modules
 
-    def read_layer(self, name: str) -> tuple[QuantizedLinear, FoldStats]:
-        """The layer with the adapter folded in (float64 zeros ``[G, out]``) and the fold's stats."""
-        layer = self.base.read_layer(name)
+    def read_layer(self, name: str, with_codes: bool = True) -> tuple[QuantizedLinear, FoldStats]:
+        """The layer with the adapter folded in (float64 zeros ``[G, out]``) and the fold's stats.
+
+        ``with_codes=False``: codes not read (see ``GPTQCheckpoint.read_layer``); the fold never
+        changes them, so a converter that copies the packed codes needs nothing more.
+        """
+        layer = self.base.read_layer(name, with_codes=with_codes)
         if self.adapter is None:
             return layer, FoldStats(name, 0.0, True)
         return fold_into_zero_points(layer, self.adapter)

@@ -110,16 +110,19 @@ def unpack_codes(words: torch.Tensor, bits: int, dim: int, n_codes: int | None =
         )
     arr = np.moveaxis(words.detach().cpu().numpy().view(np.uint32), dim, 0)
     rest = arr.shape[1:]
-    cycles = arr.reshape(n_words // words_per_cycle, words_per_cycle, -1).astype(np.uint64)
-    mask = np.uint64((1 << bits) - 1)
-    out = np.empty((cycles.shape[0], per_cycle, cycles.shape[2]), dtype=np.uint8)
-    for j in range(per_cycle):
-        word, offset = divmod(bits * j, WORD_BITS)
-        value = cycles[:, word] >> np.uint64(offset)
-        if offset + bits > WORD_BITS:
-            value = value | (cycles[:, word + 1] << np.uint64(WORD_BITS - offset))
-        out[:, j] = (value & mask).astype(np.uint8)
-    codes = out.reshape((n_words // words_per_cycle * per_cycle,) + rest)
+    if WORD_BITS % bits == 0:
+        codes = _unpack_whole_bytes(arr.reshape(n_words, -1), bits).reshape((n_words * WORD_BITS // bits,) + rest)
+    else:
+        cycles = arr.reshape(n_words // words_per_cycle, words_per_cycle, -1).astype(np.uint64)
+        mask = np.uint64((1 << bits) - 1)
+        out = np.empty((cycles.shape[0], per_cycle, cycles.shape[2]), dtype=np.uint8)
+        for j in range(per_cycle):
+            word, offset = divmod(bits * j, WORD_BITS)
+            value = cycles[:, word] >> np.uint64(offset)
+            if offset + bits > WORD_BITS:
+                value = value | (cycles[:, word + 1] << np.uint64(WORD_BITS - offset))
+            out[:, j] = (value & mask).astype(np.uint8)
+        codes = out.reshape((n_words // words_per_cycle * per_cycle,) + rest)
     if n_codes is not None:
         if n_codes > codes.shape[0] or packed_length(n_codes, bits) != n_words:
             raise FormatLimitError(
@@ -128,6 +131,26 @@ def unpack_codes(words: torch.Tensor, bits: int, dim: int, n_codes: int | None =
             )
         codes = codes[:n_codes]
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(codes, 0, dim)))
+
+
+def _unpack_whole_bytes(words: np.ndarray, bits: int) -> np.ndarray:
+    """Unpack uint32 words ``[n_words, cols]`` of 2/4/8-bit codes to uint8 ``[n_words * 32 / bits, cols]``.
+
+    For these widths no code straddles a byte, and the stream is little-endian, so byte ``k`` of
+    word ``w`` holds codes ``(4w + k) * c .. + c - 1`` (``c = 8 / bits``), LSB first: the codes come
+    from uint8 shifts of the words' bytes, never widened to 64 bits (this is the hot loop of
+    every decode; same result as the general path).
+    """
+    n_words, cols = words.shape
+    per_byte = 8 // bits
+    as_bytes = np.ascontiguousarray(words).astype("<u4", copy=False).view(np.uint8).reshape(n_words, cols, 4)
+    if per_byte == 1:
+        return as_bytes.transpose(0, 2, 1).reshape(n_words * 4, cols)
+    mask = np.uint8((1 << bits) - 1)
+    out = np.empty((n_words, 4, per_byte, cols), dtype=np.uint8)
+    for k in range(per_byte):
+        np.bitwise_and(as_bytes >> np.uint8(bits * k), mask, out=out[:, :, k, :].transpose(0, 2, 1))
+    return out.reshape(n_words * 4 * per_byte, cols)
 
 
 def _unpack_plan(bits: int, device: torch.device) -> tuple[torch.Tensor, ...]:
