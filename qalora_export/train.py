@@ -362,6 +362,12 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     ckpt = GPTQCheckpoint(base_dir)
+    if ckpt.config.group_size <= 0:
+        raise ConfigError(
+            f"{base_dir}: group_size={ckpt.config.group_size} (one quantization group per row) leaves QA-LoRA "
+            f"one pooled feature per layer, and its adapters no single pooling group size; quantize "
+            f"the base with --group-size 32, 64 or 128"
+        )
     tokenizer = load_tokenizer(base_dir)
     data = prepare_data(tokenizer, data_path, config)
 
