@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import ConfigError, FormatLimitError, UnsupportedModelError
+from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_file
 from qalora_export.merged import MergedModel
 from qalora_export.packing import WORD_BITS
@@ -474,37 +474,69 @@ def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
         (transformers module name, float64 ``[out, in]`` weight), q/k rows un-permuted back to the
         transformers order. Q4_1 is decoded by :func:`gguf_spec.dequantize_q4_1`; F32/F16 are widened.
     """
-    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from gguf import GGMLQuantizationType, quants
 
-    reader = GGUFReader(str(path))
-    arch = _field(reader, "general.architecture")
-    permute = any(a.gguf_arch == arch and a.permute_qk for a in spec.ARCHITECTURES.values())
-    n_head = _field(reader, f"{arch}.attention.head_count")
-    n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
+    reader = _open_reader(path)
+    try:
+        arch = _field(reader, "general.architecture")
+        permute = any(a.gguf_arch == arch and a.permute_qk for a in spec.ARCHITECTURES.values())
+        n_head = _field(reader, f"{arch}.attention.head_count")
+        n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
+    except Exception as exc:  # corrupt metadata values (gguf-py raises several types)
+        raise CheckpointError(f"{path}: GGUF metadata cannot be decoded ({type(exc).__name__}: {exc})") from exc
     for t in reader.tensors:
         module = spec.hf_linear_name(t.name)
         if module is None and t.name == spec.OUTPUT_TENSOR and t.tensor_type == GGMLQuantizationType.Q4_1:
             module = "lm_head"
         if module is None:
             continue
-        data = np.asarray(t.data)
-        if t.tensor_type == GGMLQuantizationType.Q4_1:
-            w = spec.dequantize_q4_1(data)
-        elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            w = data.astype(np.float64)
-        else:
-            w = quants.dequantize(data, t.tensor_type).astype(np.float64)
-        heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
-        if heads is not None:
-            w = w[np.argsort(spec.qk_row_permutation(w.shape[0], heads))]
+        try:
+            data = np.asarray(t.data)
+            if t.tensor_type == GGMLQuantizationType.Q4_1:
+                w = spec.dequantize_q4_1(data)
+            elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                w = data.astype(np.float64)
+            else:
+                w = quants.dequantize(data, t.tensor_type).astype(np.float64)
+            heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
+            if heads is not None:
+                w = w[np.argsort(spec.qk_row_permutation(w.shape[0], heads))]
+        except Exception as exc:  # shape/type inconsistencies of a corrupt file (ValueError, TypeError, ...)
+            raise CheckpointError(
+                f"{path}: tensor {t.name} ({getattr(t.tensor_type, 'name', t.tensor_type)}, shape "
+                f"{list(t.shape)}) cannot be decoded ({type(exc).__name__}: {exc}); the file is corrupt") from exc
+        if w.ndim != 2:
+            raise CheckpointError(f"{path}: tensor {t.name} is {w.ndim}-D, expected a 2-D weight; the file is corrupt")
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"{path}: tensor {t.name} decodes to NaN or inf; the file is corrupt")
         yield module, torch.from_numpy(np.ascontiguousarray(w))
+
+
+def _open_reader(path: Path | str):
+    """gguf-py's reader, its many exception types for a damaged file turned into CheckpointError."""
+    from gguf import GGUFReader
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist")
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # ValueError, IndexError, KeyError, UnicodeDecodeError, struct errors, ...
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it is truncated or corrupt, "
+            f"export it again") from exc
 
 
 def read_file_types(path: Path | str) -> tuple[str, str]:
     """(weights_dtype, embeddings) of a GGUF file, as ``export`` options that reproduce them."""
     from gguf import GGMLQuantizationType
 
-    types = {k: GGMLQuantizationType(v).name.lower() for k, v in spec.scan_tensor_types(path).items()}
+    try:
+        types = {k: GGMLQuantizationType(v).name.lower() for k, v in spec.scan_tensor_types(path).items()}
+    except OSError as exc:
+        raise CheckpointError(f"cannot read GGUF file {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # bad magic, truncated header, unknown value or tensor types
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it is truncated or corrupt") from exc
     emb = types.get(spec.TOKEN_EMBD_TENSOR, "f16")
     weights = next((v for k, v in types.items() if spec.hf_linear_name(k)), "q4_1")
     return weights, emb

@@ -130,7 +130,7 @@ def read_tokenizer(directory: Path, n_vocab: int) -> TokenizerMetadata:
             f"(save it with tokenizer.save_pretrained into the base directory)")
     try:
         tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # also UnicodeDecodeError, over-long integers
         raise UnsupportedModelError(f"{path} is not readable JSON: {exc}") from exc
     model = tokenizer.get("model") or {}
     kind = model.get("type")

@@ -364,18 +364,39 @@ def _load_model_proto(out_dir: Path):
 
 
 def _initializer_array(tensor, base_dir: Path) -> np.ndarray:
-    """An initializer's value, reading external data by offset/length (our own reader)."""
+    """An initializer's value, reading external data by offset/length (our own reader).
+
+    Raises :class:`CheckpointError` for anything a damaged file can hold: unknown data types,
+    negative dims, missing or out-of-directory ``location``, bad offsets, short data.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
+    if any(d < 0 for d in tensor.dims):
+        raise CheckpointError(f"{base_dir}: initializer {tensor.name} has negative dims {list(tensor.dims)}")
+    try:
+        if tensor.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(tensor)
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except Exception as exc:  # unknown data_type, raw_data of the wrong size, ...
+        raise CheckpointError(
+            f"{base_dir}: initializer {tensor.name} cannot be decoded ({type(exc).__name__}: {exc}); "
+            f"the model file is corrupt") from exc
     info = {e.key: e.value for e in tensor.external_data}
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    path = base_dir / info["location"]
-    offset, length = int(info.get("offset", 0)), int(info["length"])
+    location = info.get("location", "")
+    if not location or Path(location).name != location or location in (".", ".."):
+        raise CheckpointError(
+            f"{base_dir}: initializer {tensor.name} has external data location {location!r}; expected a file "
+            f"name inside the model directory (this reader does not follow paths out of it)")
+    path = base_dir / location
+    try:
+        offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: initializer {tensor.name} has a non-integer offset/length ({exc})") from exc
     count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if count * np.dtype(dtype).itemsize != length:
-        raise CheckpointError(f"{path}: initializer {tensor.name} has {length} bytes for shape {list(tensor.dims)}")
+    if offset < 0 or count * dtype.itemsize != length:
+        raise CheckpointError(
+            f"{path}: initializer {tensor.name} has {length} bytes at offset {offset} for shape "
+            f"{list(tensor.dims)} of {dtype}; the model file is corrupt")
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -393,7 +414,13 @@ def merge_metadata(out_dir: Path) -> dict:
     proto = _load_model_proto(Path(out_dir))
     for entry in proto.metadata_props:
         if entry.key == MERGE_METADATA_KEY:
-            return json.loads(entry.value)
+            try:
+                record = json.loads(entry.value)
+            except (ValueError, RecursionError) as exc:
+                raise CheckpointError(f"{out_dir}: metadata {MERGE_METADATA_KEY} is not valid JSON ({exc})") from exc
+            if not isinstance(record, dict):
+                raise CheckpointError(f"{out_dir}: metadata {MERGE_METADATA_KEY} must be a JSON object")
+            return record
     return {}
 
 
@@ -431,32 +458,64 @@ def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for node in proto.graph.node:
         if node.op_type != spec.OP_TYPE or node.domain != spec.OP_DOMAIN:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        k, n, bits, block_size = (int(attrs[a]) for a in ("K", "N", "bits", "block_size"))
+        try:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        except Exception as exc:
+            raise CheckpointError(f"{out_dir}: attributes of {node.name} cannot be read ({exc})") from exc
+        k, n, bits, block_size = (_int_attr(attrs, a, node.name, out_dir) for a in ("K", "N", "bits", "block_size"))
+        if bits not in spec.KERNEL_BITS or block_size not in spec.BLOCK_SIZES:
+            raise CheckpointError(
+                f"{out_dir}: {node.name} has bits={bits}, block_size={block_size}; MatMulNBits takes bits in "
+                f"{list(spec.KERNEL_BITS)} and block sizes {list(spec.BLOCK_SIZES)}")
+        if len(node.input) < 3:
+            raise CheckpointError(f"{out_dir}: {node.name} has {len(node.input)} inputs; MatMulNBits needs A, B, scales")
         k_blocks = -(-k // block_size)
         b = value(node.input[1], node.name)
-        if b.shape != (n, k_blocks, block_size * bits // 8):
-            raise CheckpointError(f"{out_dir}: {node.name} B is {list(b.shape)}, expected {[n, k_blocks, block_size * bits // 8]}")
-        scales = value(node.input[2], node.name).astype(np.float64).reshape(n, k_blocks)
+        if b.dtype != np.uint8 or b.shape != (n, k_blocks, block_size * bits // 8):
+            raise CheckpointError(f"{out_dir}: {node.name} B is {b.dtype} {list(b.shape)}, expected uint8 "
+                                  f"{[n, k_blocks, block_size * bits // 8]}")
+        scales = value(node.input[2], node.name)
+        if scales.size != n * k_blocks or scales.dtype.kind != "f":
+            raise CheckpointError(f"{out_dir}: {node.name} scales are {scales.dtype} {list(scales.shape)}, "
+                                  f"expected {n * k_blocks} floats ([{n}, {k_blocks}])")
+        scales = scales.astype(np.float64).reshape(n, k_blocks)
         if len(node.input) > 3 and node.input[3]:
             zp = value(node.input[3], node.name)
-            zeros = spec.unpack_zero_points(zp, bits, k_blocks) if zp.dtype == np.uint8 else zp.reshape(n, k_blocks)
+            if zp.dtype == np.uint8 and zp.size == n * (-(-k_blocks * bits // 8)):
+                zeros = spec.unpack_zero_points(zp.reshape(n, -1), bits, k_blocks)
+            elif zp.dtype.kind == "f" and zp.size == n * k_blocks:
+                zeros = zp.reshape(n, k_blocks)
+            else:
+                raise CheckpointError(f"{out_dir}: {node.name} zero_points are {zp.dtype} {list(zp.shape)}, which "
+                                      f"is neither packed uint8 nor float [{n}, {k_blocks}]")
         else:
             zeros = np.full((n, k_blocks), 1 << (bits - 1))
         w = spec.dequantize(spec.unpack_b(b, bits, k), scales, zeros, block_size)
         residual_name = f"{node.name}.MatMulNBits.zero_residual"
         if residual_name in inits:  # "split" zero-points: W -= R[g(i), n] over runs of K / G columns
             r = _initializer_array(inits[residual_name], out_dir).astype(np.float64)  # [G, N]
-            if r.shape[1] != n or k % r.shape[0]:
+            if r.ndim != 2 or r.shape[1] != n or r.shape[0] == 0 or k % r.shape[0]:
                 raise CheckpointError(f"{out_dir}: {residual_name} is {list(r.shape)}, expected [G, {n}] with G dividing {k}")
             w = w - np.repeat(r.T, k // r.shape[0], axis=1)
         src = producers.get(node.input[0])
-        if src is not None and src.op_type == "Gather" and src.input[1] in inits:
-            perm = _initializer_array(inits[src.input[1]], out_dir).astype(np.int64)
+        if src is not None and src.op_type == "Gather" and len(src.input) > 1 and src.input[1] in inits:
+            perm = _initializer_array(inits[src.input[1]], out_dir)
+            if perm.dtype.kind not in "iu" or perm.shape != (k,) or not np.array_equal(np.sort(perm), np.arange(k)):
+                raise CheckpointError(f"{out_dir}: the input permutation of {node.name} ({src.input[1]}) is not a "
+                                      f"permutation of 0..{k - 1}; the model file is corrupt")
             unpermuted = np.empty_like(w)
-            unpermuted[:, perm] = w
+            unpermuted[:, perm.astype(np.int64)] = w
             w = unpermuted
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"{out_dir}: {node.name} decodes to NaN or inf; the model file is corrupt")
         yield node.name, torch.from_numpy(np.ascontiguousarray(w))
+
+
+def _int_attr(attrs: dict, name: str, node: str, out_dir: Path) -> int:
+    value = attrs.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointError(f"{out_dir}: {node} attribute {name}={value!r}; expected a positive integer")
+    return value
 
 
 # ------------------------------------------------------------------------------------ verify

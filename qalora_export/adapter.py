@@ -259,6 +259,8 @@ def load_adapter(adapter_dir: Path, pooling: Optional[str] = None) -> QALoRAAdap
         if pool_groups not in ("consecutive", "quantization"):
             raise AdapterError(f"{meta_path}: pool_groups {pool_groups!r} is not consecutive|quantization")
         fingerprint = metadata.get("base_fingerprint")
+        if fingerprint is not None and (not isinstance(fingerprint, str) or not fingerprint.startswith("sha256:")):
+            raise AdapterError(f"{meta_path}: base_fingerprint {fingerprint!r} is not a 'sha256:...' fingerprint")
         extra = {k: v for k, v in metadata.items() if k not in {
             "format_version", "pooling", "pool_group_size", "pool_groups", "base_fingerprint",
             "rank", "alpha"}}
@@ -289,7 +291,7 @@ def load_adapter(adapter_dir: Path, pooling: Optional[str] = None) -> QALoRAAdap
     return QALoRAAdapter(
         layers=layers, rank=rank, alpha=alpha, pooling=convention, pool_group_size=int(group_size),
         pool_groups=pool_groups, base_fingerprint=fingerprint,
-        target_modules=list(config.get("target_modules") or _target_names(layers)), extra=extra,
+        target_modules=_target_modules(config.get("target_modules"), layers), extra=extra,
     )
 
 
@@ -308,6 +310,11 @@ def _read_layers(weights_path: Path, rank: int) -> dict[str, AdapterLayer]:
                 tensor = f.get_tensor(key)
             except Exception as exc:
                 raise AdapterError(f"{weights_path}: tensor {key} cannot be read: {exc}") from exc
+            if not tensor.is_floating_point():
+                raise AdapterError(
+                    f"{weights_path}: tensor {key} is {tensor.dtype}; LoRA factors are floating point (the file is "
+                    f"corrupt or not an adapter)"
+                )
             if not torch.isfinite(tensor).all():
                 raise AdapterError(
                     f"{weights_path}: tensor {key} contains NaN or inf; the adapter is corrupt or "
@@ -328,6 +335,15 @@ def _read_layers(weights_path: Path, rank: int) -> dict[str, AdapterLayer]:
             )
         layers[module] = AdapterLayer(lora_A=a, lora_B=b)
     return layers
+
+
+def _target_modules(value, layers: dict[str, AdapterLayer]) -> list[str]:
+    """PEFT's ``target_modules``: a list of names, or one string (a name or a regex); else derived."""
+    if isinstance(value, str) and value:
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return _target_names(layers)
 
 
 def _split_key(key: str) -> tuple[str, Optional[str]]:

@@ -63,6 +63,13 @@ def _check_str(value: Any, where: str, field: str, *, allow_empty: bool = False)
             f"{where}: field {field!r} must be a string, got {type(value).__name__}; "
             "fix the record so the field holds text"
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800": no tokenizer can encode it
+        raise DataError(
+            f"{where}: field {field!r} holds an unpaired UTF-16 surrogate escape at character {exc.start}; "
+            "fix the escape (\\ud83d\\ude00 pairs) or remove it"
+        ) from exc
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: field {field!r} is empty; give it non-empty text or drop the line")
 
@@ -143,6 +150,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(
                 f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); write one JSON object per line"
             ) from exc
+        except (ValueError, RecursionError) as exc:  # a number over Python's digit limit; absurd nesting
+            raise DataError(f"{where}: JSON this tool cannot read ({type(exc).__name__}: {str(exc)[:120]})") from exc
         validate_example(record, where)
         examples.append(record)
     return examples

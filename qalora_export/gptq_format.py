@@ -59,6 +59,8 @@ STORED_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}
 # 3-bit layers: GPTQModel registers ceil(n * 3 / 32) words but decodes whole 3-word cycles, so only
 # widths that are multiples of 32 load (checked by loading in transformers + GPTQModel).
 THREE_BIT_WIDTH_MULTIPLE = 32
+# GPTQCheckpoint.fingerprint: 2 also hashes checkpoint_format and each tensor's dtype and shape.
+FINGERPRINT_VERSION = 2
 
 
 def zero_range(bits: int, checkpoint_format: str) -> tuple[int, int]:
@@ -298,7 +300,7 @@ class GPTQCheckpoint:
             raise CheckpointError(f"{self.directory}: no *.qweight tensors; the weights are not GPTQ-quantized")
         self.quantized_modules: list[str] = modules
         self._handles: dict[Path, object] = {}
-        self._fingerprint: Optional[str] = None
+        self._fingerprints: dict[int, str] = {}
 
     # -- tensors
     def _handle(self, path: Path):
@@ -360,26 +362,44 @@ class GPTQCheckpoint:
         quant = {f"{m}.{s}" for m in self.quantized_modules for s in QUANT_SUFFIXES + ("bias",)}
         return sorted(k for k in self.tensor_files if k not in quant)
 
-    def fingerprint(self) -> str:
-        """sha256 over quantization config and every quantized tensor's bytes, in name order.
+    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+        """sha256 over what decoding depends on: the config and every quantized tensor, in name order.
 
         Independent of sharding and file layout; identifies the base an adapter was trained on.
+        Version 2 (``sha256:v2:<hex>``, written by this release) hashes bits, group size,
+        checkpoint format and each tensor's name, dtype, shape and bytes, so a base relabelled
+        (v1/v2 zeros, scales re-declared as bfloat16, a reshaped tensor) no longer matches.
+        Version 1 (``sha256:<hex>``, older adapters) hashes bits, group size, names and bytes only;
+        :meth:`matches_fingerprint` still checks such records, with that weaker guarantee.
         Reads every quantized tensor once (one at a time); the result is kept for later calls.
         """
-        if self._fingerprint is not None:
-            return self._fingerprint
+        if version not in (1, 2):
+            raise ValueError(f"fingerprint version {version} is not 1 or 2")
+        if version in self._fingerprints:
+            return self._fingerprints[version]
         h = hashlib.sha256()
-        h.update(json.dumps([self.config.bits, self.config.group_size], sort_keys=True).encode())
+        if version == 1:
+            h.update(json.dumps([self.config.bits, self.config.group_size], sort_keys=True).encode())
+        else:
+            h.update(json.dumps([self.config.bits, self.config.group_size, self.config.checkpoint_format]).encode())
         for name in self.quantized_modules:
             for s in QUANT_SUFFIXES:
                 key = f"{name}.{s}"
                 if key in self.tensor_files:
                     t = self.read_tensor(key).contiguous()
                     h.update(key.encode())
+                    if version == 2:
+                        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
                     h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
                     del t
-        self._fingerprint = "sha256:" + h.hexdigest()
-        return self._fingerprint
+        prefix = "sha256:" if version == 1 else "sha256:v2:"
+        self._fingerprints[version] = prefix + h.hexdigest()
+        return self._fingerprints[version]
+
+    def matches_fingerprint(self, recorded: str) -> bool:
+        """Whether ``recorded`` (an adapter's ``base_fingerprint``, any version) is this base's."""
+        version = 2 if recorded.startswith("sha256:v2:") else 1
+        return self.fingerprint(version) == recorded
 
     def close(self) -> None:
         self._handles.clear()

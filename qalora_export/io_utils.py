@@ -89,13 +89,17 @@ def _normal_permissions(directory: Path) -> None:
 def read_json(path: Path, error: Type[QALoRAExportError]) -> dict:
     """Read a JSON object from ``path``, raising ``error`` with the path on any problem."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 JSON") from exc
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+    except (ValueError, RecursionError) as exc:  # integers over Python's digit limit; absurd nesting
+        raise error(f"{path} is not JSON this tool can read ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, found {type(value).__name__}")
     return value

@@ -41,8 +41,8 @@ class MergedModel:
                     f"(first: {unknown[0]}); it was trained on another model"
                 )
             if check_fingerprint and adapter.base_fingerprint:
-                actual = base.fingerprint()
-                if actual != adapter.base_fingerprint:
+                if not isinstance(adapter.base_fingerprint, str) or not base.matches_fingerprint(adapter.base_fingerprint):
+                    actual = base.fingerprint()
                     raise AdapterError(
                         f"the adapter was trained on a base with fingerprint {adapter.base_fingerprint}, "
                         f"but {base.directory} has {actual}: it is a different quantized base "
