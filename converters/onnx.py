@@ -483,6 +483,9 @@ def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             zp = value(node.input[3], node.name)
             if zp.dtype == np.uint8 and zp.size == n * (-(-k_blocks * bits // 8)):
                 zeros = spec.unpack_zero_points(zp.reshape(n, -1), bits, k_blocks)
+                if not np.array_equal(spec.pack_zero_points(zeros, bits), zp.reshape(n, -1)):
+                    raise CheckpointError(f"{out_dir}: {node.name} zero_points have bits set in the padding after "
+                                          f"the last of {k_blocks} blocks; the model file is corrupt")
             elif zp.dtype.kind == "f" and zp.size == n * k_blocks:
                 zeros = zp.reshape(n, k_blocks)
             else:

@@ -6,7 +6,7 @@ Writes one directory per fuzz target under ``--out`` (``safetensors/``, ``gptq_c
 ``adapter/``, ``gguf/``, ``onnx/``, ``jsonl/``) holding seed inputs in the byte encoding that
 ``fuzz/harness.py`` expects, plus ``_templates/`` with the micro artifacts the targets rebuild
 around each input (a 1-layer, hidden-32 GPTQ base with a BPE tokenizer, a random adapter, its
-GGUF and ONNX exports, and an act-order v1 base). The micro model keeps every execution in the millisecond range.
+GGUF, ONNX and GPTQ exports, and an act-order v1 base). The micro model keeps every execution in the millisecond range.
 Takes about 15 s; deterministic for a given package set.
 """
 
@@ -53,6 +53,7 @@ def build_templates(out: Path) -> Path:
     model = MergedModel.open(base, tpl / "adapter")
     get_converter("gguf").export(model, tpl / "model.gguf")
     get_converter("onnx").export(model, tpl / "onnx", zero_points="split")
+    get_converter("gptq").export(model, tpl / "merged")
     tiny_models.make_tiny_base(tpl / "act-order", act_order=True, checkpoint_format="gptq", **MICRO)
     shutil.rmtree(tpl / "act-order-float")
     return tpl

@@ -102,7 +102,7 @@ def parse_gptq_config(obj: dict, source: Path) -> GPTQConfig:
     if method != "gptq":
         raise CheckpointError(f"{source}: quant_method is {method!r}; only GPTQ checkpoints are read")
     bits = obj.get("bits")
-    if bits not in SUPPORTED_BITS:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:  # 4.0 == 4, True == 1
         raise CheckpointError(f"{source}: bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
     group_size = obj.get("group_size")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
@@ -116,8 +116,11 @@ def parse_gptq_config(obj: dict, source: Path) -> GPTQConfig:
     pack_dtype = obj.get("pack_dtype", "int32")
     if pack_dtype != "int32":
         raise CheckpointError(f"{source}: pack_dtype={pack_dtype!r}; only int32 packing is supported")
-    return GPTQConfig(bits=bits, group_size=group_size, desc_act=bool(obj.get("desc_act", False)),
-                      sym=bool(obj.get("sym", True)), checkpoint_format=fmt)
+    for flag in ("desc_act", "sym"):
+        if not isinstance(obj.get(flag, False), bool):
+            raise CheckpointError(f"{source}: {flag}={obj.get(flag)!r} must be true or false")
+    return GPTQConfig(bits=bits, group_size=group_size, desc_act=obj.get("desc_act", False),
+                      sym=obj.get("sym", True), checkpoint_format=fmt)
 
 
 # --------------------------------------------------------------------------------------- codec
