@@ -18,7 +18,7 @@ import torch
 DEMO_BITS = 4
 DEMO_GROUP_SIZE = 32
 N_TRAIN = 320
-N_HELD_OUT = 48
+N_HELD_OUT = 32
 MAX_LENGTH = 96
 MAX_NEW_TOKENS = 16
 
@@ -37,7 +37,7 @@ def _evaluate(model, tokenizer, held_out: list[dict], dataset, log: Callable[[st
             "example": {"expected": sample.expected, "generated": sample.generated}}
 
 
-def run_demo(workdir: Path, steps: int = 60, formats: tuple[str, ...] | list[str] = ("gptq",),
+def run_demo(workdir: Path, steps: int = 24, formats: tuple[str, ...] | list[str] = ("gptq",),
              overwrite: bool = True, log: Optional[Callable[[str], None]] = None, seed: int = 0) -> dict:
     """Run the demo under ``workdir``; returns the report (also written as ``demo_report.json``)."""
     from transformers import AutoTokenizer
