@@ -162,6 +162,12 @@ def write_report(report: dict, path: Path) -> tuple[Path, Path]:
     return path, md
 
 
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "n/a" if value is None else str(value)
+
+
 def render_markdown(report: dict) -> str:
     """A short human summary of a verify report."""
     w = report["weights"]
@@ -177,11 +183,14 @@ def render_markdown(report: dict) -> str:
     ]
     rt = report.get("runtime")
     if rt:
+        lines.append(f"| runtime | {rt.get('runtime', report['format'])} | | {rt.get('passed')} |")
         for key, value in rt.items():
             if isinstance(value, dict) and "mean_kl" in value:
-                lines.append(
-                    f"| runtime | {key}: max abs dlogit / mean KL / top-1 | "
-                    f"{value['max_abs_logit_diff']:.3e} / {value['mean_kl']:.2e} / {value['top1_agreement']:.3f} | "
-                    f"{value.get('passed', '(floor)')} |")
-        lines.append(f"\nRule: {rt.get('rule', '')}\n")
+                figures = " / ".join(_fmt(value.get(k)) for k in ("max_abs_logit_diff", "mean_kl", "top1_agreement"))
+                lines.append(f"| runtime | {key}: max abs dlogit / mean KL / top-1 | {figures} | "
+                             f"{value.get('passed', '(reference)')} |")
+        for name, ok in (rt.get("checks") or {}).items():
+            lines.append(f"| runtime | check {name} | | {ok} |")
+        if rt.get("rule"):
+            lines.append(f"\nRule: {rt['rule']}\n")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,92 @@
+"""End to end through the command line on a tiny model: every verb, exit codes, no partial outputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from qalora_export.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_FAILED, main
+from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
+
+sys.path.insert(0, str(Path(__file__).parent / "converters"))
+import gguf_helpers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """quantize -> train on a BPE-tokenizer tiny model (GGUF needs BPE); returns the paths."""
+    root = tmp_path_factory.mktemp("cli")
+    float_dir = tiny_models.make_tiny_llama(root / "float", vocab=gguf_helpers.BPE_VOCAB)
+    gguf_helpers.make_tiny_bpe_tokenizer(float_dir, vocab_size=gguf_helpers.BPE_VOCAB)
+    base = root / "base"
+    assert main(["quantize", str(float_dir), "-o", str(base), "--bits", "4", "--group-size", "32"]) == EXIT_OK
+    train, _ = make_splits(24, 4, seed=0)
+    data = root / "train.jsonl"
+    write_jsonl(data, train)
+    adapter = root / "adapter"
+    assert main(["train", str(base), "--data", str(data), "-o", str(adapter), "--rank", "4", "--steps", "3",
+                 "--batch-size", "4", "--max-length", "128", "--held-out", "4"]) == EXIT_OK
+    return root, base, adapter
+
+
+def test_merge_gptq_verify_and_inspect(pipeline, capsys):
+    root, base, adapter = pipeline
+    out = root / "merged-gptq"
+    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out)]) == EXIT_OK
+    merged_info = capsys.readouterr().out
+    assert "exact" in merged_info
+    report = root / "verify-gptq.json"
+    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--report", str(report)]) == EXIT_OK
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["format"] == "gptq"
+    assert report.with_suffix(".md").is_file()
+    # a rounded merge fails the gate when exactness is required
+    exact = json.loads(report.read_text())["weights"]["merge"]["exact"]
+    code = main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--require-exact",
+                 "--weights-only"])
+    assert code == (EXIT_OK if exact else EXIT_VERIFY_FAILED)
+    for path in (base, adapter, out):
+        assert main(["inspect", str(path)]) == EXIT_OK
+    assert '"kind"' in capsys.readouterr().out
+
+
+def test_merge_require_exact_refuses_rounding(pipeline, capsys):
+    root, base, adapter = pipeline
+    out = root / "exact-gptq"
+    code = main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--require-exact"])
+    assert code == EXIT_BAD_INPUT
+    assert "--require-exact" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".exact-gptq")]
+
+
+def test_verify_fails_for_the_wrong_adapter(pipeline, tmp_path):
+    """The gate is not vacuous: the base exported without the adapter does not verify as base + adapter."""
+    root, base, adapter = pipeline
+    assert main(["onnx", str(base), "-o", str(tmp_path / "plain-onnx")]) == EXIT_OK
+    assert main(["verify", str(tmp_path / "plain-onnx"), "--base", str(base), "--adapter", str(adapter),
+                 "--weights-only"]) == EXIT_VERIFY_FAILED
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_other_formats_export_and_verify(pipeline, fmt):
+    root, base, adapter = pipeline
+    out = root / ("merged.gguf" if fmt == "gguf" else "merged-onnx")
+    assert main([fmt, str(base), str(adapter), "-o", str(out)]) == EXIT_OK
+    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter)]) == EXIT_OK
+    assert main(["inspect", str(out)]) == EXIT_OK
+    # the same output again is refused without --overwrite
+    assert main([fmt, str(base), str(adapter), "-o", str(out)]) == EXIT_BAD_INPUT
+    assert main([fmt, str(base), str(adapter), "-o", str(out), "--overwrite"]) == EXIT_OK
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "x").mkdir()
+    assert main(["merge", str(tmp_path / "x"), str(tmp_path / "x"), "-o", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert not (tmp_path / "o").exists()
