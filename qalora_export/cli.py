@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          max_length=args.max_length, seed=args.seed, held_out=args.held_out,
-                         on_overlong=args.on_overlong)
+                         on_overlong=args.on_overlong, integer_zeros=args.integer_zeros)
     from tqdm import tqdm
 
     bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False)
@@ -269,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with examples longer than --max-length (always counted and reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--integer-zeros", action="store_true",
+                   help="round the zero shift (straight-through) in training so the adapter folds into "
+                        "integral, in-range GPTQ zeros (merge --to gptq --require-exact then succeeds)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -11,16 +11,24 @@ quantization group too, and
 so ``zero'[g, o] = zero[g, o] - D[o, a_g] / scale[g, o]`` and the codes never change. The fold
 runs in float64; the result is fractional in general, and each output format decides (in its
 own module) whether it can hold it exactly.
+
+**Integer-zero adapters** (trained with ``train --integer-zeros``; metadata ``integer_zeros:
+true`` and ``zero_range: [lo, hi]``, the true-zero range of the GPTQ format they target) were
+trained with the shift rounded to an integer and clamped so that ``zero - shift`` stays in
+``[lo, hi]`` (:func:`round_zero_shift`). Their fold applies the same rounding and clamp, so the
+folded zeros are integral and in range by construction and equal, exactly, to the zero-points
+the training forward used; ``merge --to gptq --require-exact`` then succeeds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from .adapter import QALoRAAdapter, adapter_delta
-from .errors import FoldError
+from .errors import AdapterError, FoldError
 from .quant import QuantizedLinear
 
 
@@ -31,6 +39,37 @@ class FoldStats:
     name: str
     max_abs_shift: float
     integral: bool
+
+
+INTEGER_ZEROS_KEY = "integer_zeros"
+ZERO_RANGE_KEY = "zero_range"
+
+
+def integer_zero_range(adapter: QALoRAAdapter) -> Optional[tuple[int, int]]:
+    """``(lo, hi)`` for an integer-zero adapter (metadata ``integer_zeros: true``), else None."""
+    if not adapter.extra.get(INTEGER_ZEROS_KEY):
+        return None
+    value = adapter.extra.get(ZERO_RANGE_KEY)
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
+        raise AdapterError(
+            f"adapter metadata says integer_zeros but its zero_range is {value!r}; it must be two "
+            f"integers [lo, hi] with lo <= hi (the GPTQ format's true-zero range)"
+        )
+    return int(value[0]), int(value[1])
+
+
+def round_zero_shift(shift: torch.Tensor, zeros: torch.Tensor, zero_range: tuple[int, int]) -> torch.Tensor:
+    """The integer-zero shift: ``shift`` ``[G, out]`` (code units) rounded, then clamped so that
+    ``zeros - result`` lies in ``zero_range``.
+
+    The rounding is a straight-through estimator (forward ``round(shift)``, gradient identity),
+    so the same function serves the training forward and the fold. With integral ``zeros`` (every
+    GPTQ checkpoint's) the result and ``zeros - result`` are integral.
+    """
+    rounded = shift + (torch.round(shift) - shift).detach()
+    lo, hi = zero_range
+    return torch.clamp(rounded, min=zeros - hi, max=zeros - lo)
 
 
 def pooling_group_of_quant_groups(layer: QuantizedLinear, adapter: QALoRAAdapter) -> torch.Tensor:
@@ -77,7 +116,8 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
     """Return ``layer`` with the adapter folded into its zero-points (float64 ``[G, out]``).
 
     Layers the adapter does not touch come back unchanged (zero shift). Codes, scales and g_idx
-    are shared with the input, which is never modified.
+    are shared with the input, which is never modified. Integer-zero adapters
+    (:func:`integer_zero_range`) fold their rounded, clamped shift (module docstring).
     """
     if layer.name not in adapter.layers:
         return layer, FoldStats(layer.name, 0.0, True)
@@ -92,7 +132,11 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
     if bool((scales == 0).any()):
         raise FoldError(f"{layer.name}: a scale is zero, so the zero-point cannot absorb a weight shift")
     shift = delta[:, a_g].T / scales  # [G, out]
-    zeros = layer.zeros.to(torch.float64) - shift
+    base_zeros = layer.zeros.to(torch.float64)
+    zero_range = integer_zero_range(adapter)
+    if zero_range is not None:
+        shift = round_zero_shift(shift, base_zeros, zero_range)
+    zeros = base_zeros - shift
     if not torch.isfinite(zeros).all():
         raise FoldError(f"{layer.name}: the folded zero-points are not finite (adapter or scales overflow)")
     stats = FoldStats(layer.name, float(shift.abs().max()) if shift.numel() else 0.0,
@@ -104,10 +148,20 @@ def effective_weight(layer: QuantizedLinear, adapter: QALoRAAdapter | None) -> t
     """The unmerged effective weight ``W_hat + dW`` as float64 ``[out, in]`` (the verify reference).
 
     Computed from the adapter's delta directly (not through the fold), so that it checks the fold.
+    For an integer-zero adapter it is what its training forward computed:
+    ``scale * (q - (zero - round_zero_shift(...)))`` (pooling over the quantization groups).
     """
     w = layer.dequantize(torch.float64)
     if adapter is None or layer.name not in adapter.layers:
         return w
+    zero_range = integer_zero_range(adapter)
+    if zero_range is not None:
+        if adapter.pool_groups != "quantization":
+            raise FoldError(f"{layer.name}: an integer-zero adapter must pool over the quantization groups")
+        delta = adapter_delta(adapter, layer.name, layer.in_features)
+        zeros = layer.zeros.to(torch.float64)
+        shift = round_zero_shift(delta.T / layer.scales.to(torch.float64), zeros, zero_range)
+        return layer.with_zeros(zeros - shift).dequantize(torch.float64)
     delta = adapter_delta(adapter, layer.name, layer.in_features)
     if adapter.pool_groups == "quantization":
         column_pool = layer.g_idx.to(torch.int64)

@@ -15,6 +15,7 @@ from torch import nn
 
 from .adapter import QALoRAAdapter
 from .errors import AdapterError, UnsupportedModelError
+from .fold import integer_zero_range as fold_integer_zero_range
 from .gptq_format import GPTQCheckpoint
 from .qalora_layer import QALoRALinear
 
@@ -44,7 +45,8 @@ def hf_config_from(model_config: dict):
 def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapter] = None,
                 train_rank: int = 0, train_alpha: float = 0.0, pooling: str = "peft",
                 compute_dtype: torch.dtype = torch.float32,
-                target_modules: tuple[str, ...] = TARGET_MODULES) -> nn.Module:
+                target_modules: tuple[str, ...] = TARGET_MODULES,
+                integer_zero_range: Optional[tuple[int, int]] = None) -> nn.Module:
     """The unmerged model: the base's float tensors plus a :class:`QALoRALinear` per quantized layer.
 
     Args:
@@ -53,6 +55,10 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
         train_rank / train_alpha: create fresh trainable adapters of this rank on ``target_modules``
             (for ``train``); ignored when ``adapter`` is given.
         compute_dtype: float32 on CPU; bfloat16 on GPU for training speed.
+        integer_zero_range: train fresh adapters in integer-zero mode with this true-zero range
+            (``train --integer-zeros``). A loaded ``adapter`` whose metadata records
+            ``integer_zeros`` runs in that mode with its recorded range regardless, so that the
+            reference is what was trained (``fold.integer_zero_range``).
 
     Returns:
         a ``*ForCausalLM`` in eval mode whose only parameters that require grad are the adapters.
@@ -60,6 +66,8 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
     from transformers import AutoModelForCausalLM
 
     ckpt = base if isinstance(base, GPTQCheckpoint) else GPTQCheckpoint(base)
+    if adapter is not None:
+        integer_zero_range = fold_integer_zero_range(adapter)
     check_supported(ckpt.model_config, ckpt.directory)
     config = hf_config_from(ckpt.model_config)
     with torch.device("meta"):
@@ -75,7 +83,8 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
         if adapter is not None:
             layer_adapter = adapter.layers.get(name)
             rank = adapter.rank if layer_adapter is not None else 0
-            module = QALoRALinear(record, rank, adapter.alpha, adapter.pooling, compute_dtype)
+            module = QALoRALinear(record, rank, adapter.alpha, adapter.pooling, compute_dtype,
+                                  zero_range=integer_zero_range)
             if layer_adapter is not None:
                 if adapter.pool_groups == "consecutive" and record.is_act_order:
                     raise AdapterError(
@@ -97,7 +106,8 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
                 module.load_adapter(layer_adapter)
         else:
             rank = train_rank if child in target_modules else 0
-            module = QALoRALinear(record, rank, train_alpha, pooling, compute_dtype)
+            module = QALoRALinear(record, rank, train_alpha, pooling, compute_dtype,
+                                  zero_range=integer_zero_range)
         setattr(modules[parent_name], child, module)
 
     state = {}

@@ -16,6 +16,14 @@ On CUDA with triton installed (``use_kernels="auto"``) the forward and backward 
 kernels of :mod:`qalora_export.kernels` (the adapter delta folded into one dequant pass, one GEMM
 per direction; a GEMV for one token); this module's PyTorch path is the reference they are tested
 against, and what runs on CPU.
+
+**Integer-zero mode** (``zero_range`` given; ``train --integer-zeros``): the adapter acts in
+weight space through the zero-points. The shift ``s * k * (B @ A)[o, g] / scale[g, o]`` (code
+units, float64) is rounded with a straight-through estimator and clamped so that the effective
+zero ``zero - shift`` stays in ``zero_range`` (:func:`qalora_export.fold.round_zero_shift`), and
+the forward is one GEMM with ``W_eff = scale * (q - (zero - round_shift))`` — exactly the weight
+the fold of the saved adapter gives. The Triton kernels do not implement this mode; it always
+takes the PyTorch path.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from torch import nn
 
 from .adapter import AdapterLayer, pooling_factor
+from .fold import round_zero_shift
 from .kernels import check_kernel_mode, kernels_selected
 from .packing import pack_codes, unpack_codes_torch
 from .quant import QuantizedLinear
@@ -43,11 +52,15 @@ class QALoRALinear(nn.Module):
         use_kernels: "auto" (Triton kernels when the tensors are on CUDA and triton is installed),
             "never" (the PyTorch reference path), "always" (the kernels; on CPU only under
             ``TRITON_INTERPRET=1``). See :mod:`qalora_export.kernels`.
+        zero_range: integer-zero mode (module docstring): the inclusive range ``(lo, hi)`` of true
+            zero-points of the target GPTQ format; None (default) for the float-zero adapter.
     """
 
     def __init__(self, layer: QuantizedLinear, rank: int = 0, alpha: float = 0.0,
-                 pooling: str = "peft", compute_dtype: torch.dtype = torch.float32, use_kernels: str = "auto"):
+                 pooling: str = "peft", compute_dtype: torch.dtype = torch.float32, use_kernels: str = "auto",
+                 zero_range: Optional[tuple[int, int]] = None):
         super().__init__()
+        self.zero_range = None if zero_range is None else (int(zero_range[0]), int(zero_range[1]))
         self.use_kernels = check_kernel_mode(use_kernels)
         self.name = layer.name
         self.bits = layer.bits
@@ -80,6 +93,33 @@ class QALoRALinear(nn.Module):
             self.lora_A.copy_(adapter_layer.lora_A.to(self.lora_A.dtype))
             self.lora_B.copy_(adapter_layer.lora_B.to(self.lora_B.dtype))
 
+    def integer_zero_points(self) -> torch.Tensor:
+        """Integer-zero mode: the effective zeros ``zero - round_shift`` float64 ``[G, out]``
+        (differentiable in ``A``, ``B`` through the straight-through rounding)."""
+        delta = (self.lora_B.to(torch.float64) @ self.lora_A.to(torch.float64)) * (self.scaling * self.k)  # [out, G]
+        shift = delta.T / self.scales.to(torch.float64)
+        return self.zeros - round_zero_shift(shift, self.zeros, self.zero_range)
+
+    def effective_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Integer-zero mode: ``W_eff = scale * (q - (zero - round_shift))`` ``[out, in]``, with grad."""
+        zeros = self.integer_zero_points()
+        codes = unpack_codes_torch(self.qweight, self.bits, self.in_features)  # [in, out]
+        if dtype == torch.float64:
+            return (self.scales.to(torch.float64)[self.g_idx] * (codes.to(torch.float64) - zeros[self.g_idx])).T
+        # The same float32 elementwise operations as dequantized_weight, out of place (autograd).
+        w = codes.to(torch.float32)
+        zero = zeros.to(torch.float32)
+        if self.contiguous_groups:
+            w = ((w.view(self.num_groups, -1, self.out_features) - zero.unsqueeze(1))
+                 * self.scales.unsqueeze(1)).reshape(self.in_features, self.out_features)
+        else:
+            w = (w - zero[self.g_idx]) * self.scales[self.g_idx]
+        return w.T.to(dtype or self.compute_dtype)
+
+    @property
+    def integer_zeros(self) -> bool:
+        return bool(self.rank) and self.zero_range is not None
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``W_hat`` ``[out, in]``: computed in float32 (float64 zeros applied exactly), then cast."""
         codes = unpack_codes_torch(self.qweight, self.bits, self.in_features)  # [in, out]
@@ -107,9 +147,15 @@ class QALoRALinear(nn.Module):
         dequant pass, not the tiny GEMM, is the cost. Exact: the cached tensor is the one the
         forward would compute. Costs one float weight per layer until disabled; call it after
         moving the model to its device, and disable it before the codes or zeros change.
-        The Triton kernel path (CUDA) ignores the cache.
+        The Triton kernel path (CUDA) ignores the cache. In integer-zero mode the cached tensor is
+        the effective weight (adapter included), so the cache is for inference only.
         """
-        self._weight_cache = self.dequantized_weight(self.compute_dtype).detach() if enabled else None
+        if not enabled:
+            self._weight_cache = None
+            return
+        with torch.no_grad():
+            w = self.effective_weight(self.compute_dtype) if self.integer_zeros else self.dequantized_weight(self.compute_dtype)
+        self._weight_cache = w.detach()
 
     def pool_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of ``x`` ``[..., in]`` over each quantization group: ``[..., G]``."""
@@ -119,6 +165,11 @@ class QALoRALinear(nn.Module):
         return out.index_add(-1, self.g_idx, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integer_zeros:  # one GEMM with the adapter in the zero-points; no kernel path
+            w = self._weight_cache if self._weight_cache is not None else self.effective_weight(self.compute_dtype)
+            y = torch.nn.functional.linear(x.to(self.compute_dtype), w,
+                                           None if self.bias is None else self.bias.to(self.compute_dtype))
+            return y.to(x.dtype)
         if self.use_kernels != "never" and kernels_selected(self.use_kernels, self.qweight, x):
             from .kernels.fused_linear import qalora_forward  # imports triton
 
@@ -133,4 +184,5 @@ class QALoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, groups={self.num_groups}, "
-                f"rank={self.rank}, pooling={self.pooling}")
+                f"rank={self.rank}, pooling={self.pooling}"
+                + (f", integer_zeros={self.zero_range}" if self.integer_zeros else ""))

@@ -38,7 +38,8 @@ from .adapter import POOLINGS, AdapterLayer, QALoRAAdapter, save_adapter
 from .data import DatasetStats, TokenizedExample, build_dataset, collate, read_jsonl, split_held_out
 from .errors import CheckpointError, ConfigError, DataError, TrainingError
 from .evaluate import autocast_context, held_out_loss, response_loss
-from .gptq_format import GPTQCheckpoint
+from .fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
+from .gptq_format import GPTQCheckpoint, zero_range
 from .io_utils import check_output_path
 from .model import TARGET_MODULES, build_model, qalora_modules
 
@@ -69,6 +70,10 @@ class TrainConfig:
         weight_decay: AdamW weight decay on the adapter factors.
         grad_clip: clip the global gradient norm to this (0: no clipping).
         log_every: write a ``training_log.jsonl`` row every this many steps (and the last).
+        integer_zeros: integer-zero training (``--integer-zeros``): the per-group zero shift is
+            rounded (straight-through) and clamped to the base's GPTQ zero range in the forward,
+            so the saved adapter folds into integral, in-range zeros and ``merge --to gptq
+            --require-exact`` succeeds (see ``qalora_layer.py`` and ``fold.py``).
     """
 
     rank: int = 16
@@ -87,6 +92,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     log_every: int = 1
+    integer_zeros: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the flag for any value out of range."""
@@ -95,6 +101,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
 
+        if not isinstance(self.integer_zeros, bool):
+            raise ConfigError(f"--integer-zeros must be a boolean, got {self.integer_zeros!r}")
         for name in ("rank", "steps", "batch_size", "max_length", "log_every"):
             positive_int(name)
         for name, lo in (("alpha", None), ("lr", None), ("weight_decay", 0.0), ("grad_clip", 0.0)):
@@ -371,9 +379,10 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     tokenizer = load_tokenizer(base_dir)
     data = prepare_data(tokenizer, data_path, config)
 
+    int_range = zero_range(ckpt.config.bits, ckpt.config.checkpoint_format) if config.integer_zeros else None
     model = build_model(ckpt, train_rank=config.rank, train_alpha=float(config.alpha), pooling=config.pooling,
                         compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                        target_modules=tuple(config.target_modules))
+                        target_modules=tuple(config.target_modules), integer_zero_range=int_range)
     if not qalora_modules(model):
         raise ConfigError(f"{base_dir}: no quantized layer matches --target-modules {list(config.target_modules)}")
     init_adapters(model, config.seed)
@@ -420,8 +429,13 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
         "train_examples": len(data.train), "held_out_examples": len(data.held_out), "tokens": tokens_seen,
         "train_loss_first": losses[0], "train_loss_last": losses[-1],
         "held_out_loss_before": before, "held_out_loss_after": after, "device": dev.type,
+        "integer_zeros": config.integer_zeros,
     }
-    adapter = adapter_from_model(model, ckpt, config, extra={"training": training})
+    extra: dict = {"training": training}
+    if int_range is not None:  # read back by fold.integer_zero_range (fold, merge, build_model)
+        extra.update({INTEGER_ZEROS_KEY: True, ZERO_RANGE_KEY: list(int_range),
+                      "zero_range_format": ckpt.config.checkpoint_format})
+    adapter = adapter_from_model(model, ckpt, config, extra=extra)
     contiguous = all(m.contiguous_groups for m in qalora_modules(model).values())
     save_adapter(adapter, out_dir, base_model_path=str(base_dir), overwrite=overwrite,
                  contiguous_base=contiguous, extra_files={TRAINING_LOG: "\n".join(log_rows) + "\n"})
