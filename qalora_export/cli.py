@@ -65,11 +65,22 @@ def _print_summary(title: str, summary: dict, skip: Sequence[str] = ("per_layer"
 def cmd_quantize(args) -> int:
     from .quantize import quantize_model
 
+    calibration = None
+    if args.calibration_file is not None:
+        from .errors import ConfigError
+
+        try:
+            calibration = args.calibration_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--calibration-file {args.calibration_file}: cannot read it as UTF-8 text ({exc})") from exc
     bar = _Progress(total=0, desc="quantize")
     t0 = time.time()
     try:
         summary = quantize_model(args.model, args.output, args.bits, args.group_size, args.checkpoint_format,
-                                 overwrite=args.overwrite, progress=bar)
+                                 overwrite=args.overwrite, progress=bar, method=args.method,
+                                 act_order=args.act_order, calibration=calibration,
+                                 n_samples=args.calibration_samples, seq_len=args.calibration_seq_len,
+                                 damp=args.damp)
     finally:
         bar.close()
     _print_summary(f"quantized {args.model} -> {args.output} in {time.time() - t0:.1f}s", summary.__dict__)
@@ -237,6 +248,18 @@ def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
                        help="type of the token-embedding tensor in the GGUF")
 
 
+def _fraction_or_count(text: str) -> float | int:
+    """``--held-out``: "20" is a count, "0.1" a fraction (type=float made every count a fraction)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a fraction nor a count") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qalora-export",
@@ -251,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=32)
     p.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq_v2",
                    help="gptq_v2 (default) stores true zero-points; gptq (v1) stores zero-1, for older runtimes")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn",
+                   help="rtn: min-max round-to-nearest (no data); gptq: Hessian-based GPTQ on calibration text")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns by decreasing Hessian diagonal (desc_act)")
+    p.add_argument("--calibration-file", type=Path, default=None,
+                   help="gptq: UTF-8 text to calibrate on (default: the Python standard library's docstrings, offline)")
+    p.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration windows")
+    p.add_argument("--calibration-seq-len", type=int, default=512, help="gptq: tokens per calibration window")
+    p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the Hessian's mean diagonal")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
@@ -264,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--held-out", type=float, default=0.1, help="fraction (<1) or count of examples held out")
+    p.add_argument("--held-out", type=_fraction_or_count, default=0.1,
+                   help="fraction (<1, e.g. 0.1) or count (an integer, e.g. 20) of examples held out")
     p.add_argument("--on-overlong", choices=("drop", "truncate"), default="drop",
                    help="what to do with examples longer than --max-length (always counted and reported)")
     p.add_argument("--seed", type=int, default=0)

@@ -50,3 +50,7 @@ class VerificationError(QALoRAExportError):
 
 class TrainingError(QALoRAExportError, RuntimeError):
     """Training cannot go on (the loss became NaN or inf); nothing is written."""
+
+
+class OutputWriteError(QALoRAExportError, OSError):
+    """Writing an output failed (disk full, file too large, no permission); nothing was written."""
