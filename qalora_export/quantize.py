@@ -1,4 +1,6 @@
-"""``quantize``: a float model to an AutoGPTQ checkpoint, layer by layer (min-max RTN).
+"""``quantize``: a float model to an AutoGPTQ checkpoint, layer by layer: min-max RTN
+(``method="rtn"``) or Hessian-based GPTQ with calibration text (``method="gptq"``,
+:mod:`qalora_export.gptq_quant`; optional act-order).
 
 Every ``*_proj`` linear inside the decoder layers is quantized; embeddings, norms and the lm head
 stay float (stored as fp16, as GPTQ checkpoints do).
@@ -18,7 +20,7 @@ from .float_model import open_float_model
 from .gptq_format import CHECKPOINT_FORMATS, CheckpointWriter, GPTQConfig, encode_layer, write_configs
 from .io_utils import atomic_output_dir
 from .model import check_supported
-from .quant import quantize_rtn
+from .quant import check_quant_args, quantize_rtn
 
 QUANTIZED_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
@@ -38,7 +40,9 @@ class QuantizeSummary:
 def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, group_size: int = 32,
                    checkpoint_format: str = "gptq_v2", overwrite: bool = False,
                    progress: Optional[Callable[[str], None]] = None,
-                   max_shard_bytes: int = 2 * 1024**3) -> QuantizeSummary:
+                   max_shard_bytes: int = 2 * 1024**3, method: str = "rtn", act_order: bool = False,
+                   calibration: Optional[str] = None, n_samples: int = 128, seq_len: int = 512,
+                   damp: float = 0.01) -> QuantizeSummary:
     """Quantize ``model_path`` (HF directory or GGUF) into the GPTQ checkpoint ``out_dir``.
 
     Args:
@@ -46,7 +50,20 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
         checkpoint_format: "gptq_v2" (stores true zeros) or "gptq" (v1: stores zero - 1, so
             zero-points are chosen in ``[1, 2**bits - 1]``).
         progress: called with each layer name (the CLI shows a bar).
+        method: "rtn" (no data) or "gptq" (Hessian-based, calibration activations).
+        act_order: GPTQ only: visit columns by decreasing Hessian diagonal (desc_act, g_idx).
+        calibration: GPTQ calibration text; default the standard library's docstrings
+            (:func:`qalora_export.gptq_quant.calibration_text`), offline.
+        n_samples / seq_len: GPTQ calibration windows (consecutive token windows of the text).
+        damp: GPTQ damping, a fraction of the Hessian's mean diagonal.
     """
+    if method not in ("rtn", "gptq"):
+        raise ConfigError(f"--method {method!r}: choose rtn or gptq")
+    if method != "gptq" and (act_order or calibration is not None):
+        raise ConfigError("--act-order and --calibration-file need --method gptq (RTN uses no data and no column order)")
+    for flag, value in (("--calibration-samples", n_samples), ("--calibration-seq-len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ConfigError(f"--checkpoint-format {checkpoint_format!r}: choose one of {CHECKPOINT_FORMATS}")
     if Path(out_dir).resolve() == Path(model_path).resolve():
@@ -58,21 +75,26 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
     linear = [n for n in names if QUANTIZED_LINEAR.match(n)]
     if not linear:
         raise ConfigError(f"{model_path}: no decoder projection weights (model.layers.N.*_proj.weight) found")
-    config = GPTQConfig(bits=bits, group_size=group_size, desc_act=False, sym=False,
+    config = GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=False,
                         checkpoint_format=checkpoint_format)
     min_zero = 1 if checkpoint_format == "gptq" else 0
     errors = []
     with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
+        gptq_layers = _gptq_layers(source, tmp, linear, bits, group_size, act_order, calibration, n_samples,
+                                   seq_len, damp, min_zero, progress) if method == "gptq" else {}
         writer = CheckpointWriter(tmp, max_shard_bytes)
         for name in names:
             tensor = source.read_tensor(name)
             if name in linear:
                 module = name[: -len(".weight")]
-                if progress:
-                    progress(module)
                 bias_name = module + ".bias"
                 bias = source.read_tensor(bias_name) if bias_name in names else None
-                layer = quantize_rtn(module, tensor, bits, group_size, bias=bias, min_zero=min_zero)
+                if method == "gptq":
+                    layer = gptq_layers.pop(module)
+                else:
+                    if progress:
+                        progress(module)
+                    layer = quantize_rtn(module, tensor, bits, group_size, bias=bias, min_zero=min_zero)
                 w = tensor.to(torch.float64)
                 errors.append(float((w - layer.dequantize()).norm() / w.norm().clamp_min(1e-30)))
                 for suffix, packed in encode_layer(layer, checkpoint_format).items():
@@ -82,10 +104,35 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
             else:
                 writer.add_tensor(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
         writer.finish()
-        write_configs(tmp, source.model_config, config, {"quantizer_method": "rtn"})
+        write_configs(tmp, source.model_config, config, {"quantizer_method": method})
         source.save_tokenizer(tmp)
     return QuantizeSummary(
         out_dir=str(out_dir), bits=bits, group_size=group_size, checkpoint_format=checkpoint_format,
         quantized_layers=len(linear), float_tensors=len(names) - len(linear),
         bytes_written=writer.total_bytes, mean_relative_error=sum(errors) / len(errors),
     )
+
+
+def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: int, act_order: bool,
+                 calibration: Optional[str], n_samples: int, seq_len: int, damp: float, min_zero: int,
+                 progress) -> dict:
+    """Run GPTQ over the float model (loaded once, float32) on calibration windows of the text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .gptq_quant import calibration_batch, calibration_text, gptq_quantize_decoder
+    from .model import hf_config_from
+
+    for name in linear:
+        check_quant_args(name, int(source.read_tensor(name).shape[1]), bits, group_size)
+    source.save_tokenizer(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp))
+    ids = calibration_batch(tokenizer, calibration if calibration is not None else calibration_text(),
+                            n_samples, seq_len)
+    config = hf_config_from(source.model_config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {n: source.read_tensor(n).to(torch.float32) for n in source.tensor_names()}
+    model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return gptq_quantize_decoder(model, ids, bits, group_size, act_order, damp, min_zero, progress)

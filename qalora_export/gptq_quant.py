@@ -1,0 +1,227 @@
+"""Hessian-based GPTQ quantization (Frantar et al., arXiv 2210.17323), group-wise and asymmetric.
+
+For one linear layer ``y = x @ W.T`` (``W`` ``[out, in]``) and calibration inputs ``X``
+``[n, in]``, GPTQ minimises ``||X W_hat.T - X W.T||`` column by column:
+
+1. ``H = 2 X.T X`` ``[in, in]``; dead columns (``H[i, i] == 0``) are zeroed; ``H += damp *
+   mean(diag H) * I``;
+2. with act-order, columns are visited by ``diag(H)`` descending (the permutation ``perm``);
+   quantization groups are runs of ``group_size`` columns *in visiting order*, so
+   ``g_idx[perm[j]] = j // group_size`` (GPTQ's ``desc_act`` without static groups);
+3. ``U`` = upper Cholesky factor of ``H^-1``; for each column ``j`` (in blocks for speed): at a
+   group boundary the group's scale/zero are recomputed by min-max from the *current* (already
+   error-updated) weights of the group; ``q_j = quant(w_j)``; ``err = (w_j - dq_j) / U[j, j]``;
+   the not yet quantized columns absorb it: ``W[:, j+1:] -= err ⊗ U[j, j+1:]``.
+
+Scale/zero follow :func:`qalora_export.quant.quantize_rtn`'s convention (grid containing 0, fp16
+scale, integer zero in ``[min_zero, 2**bits - 1]``), so the result is the same neutral
+:class:`QuantizedLinear` record. :func:`calibration_text` builds offline calibration text from the
+standard library's docstrings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Optional
+
+import torch
+
+from .errors import ConfigError
+from .quant import QuantizedLinear, check_quant_args
+
+DEFAULT_DAMP = 0.01
+CALIBRATION_MODULES = (
+    "argparse", "bisect", "collections", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
+    "difflib", "enum", "fractions", "functools", "heapq", "inspect", "itertools", "json", "logging", "math",
+    "os", "pathlib", "pprint", "random", "re", "shutil", "statistics", "string", "tempfile", "textwrap",
+    "typing", "unittest", "urllib.parse", "zipfile",
+)
+
+
+def calibration_text(modules: tuple[str, ...] = CALIBRATION_MODULES) -> str:
+    """Docstrings of standard-library modules and their public members (offline, deterministic for
+    one Python version), joined by blank lines."""
+    parts: list[str] = []
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a stripped-down Python; the others suffice
+            continue
+        doc = inspect.getdoc(module)
+        if doc:
+            parts.append(doc)
+        for attr in sorted(getattr(module, "__all__", None) or dir(module)):
+            if attr.startswith("_"):
+                continue
+            member = getattr(module, attr, None)
+            if inspect.isclass(member) or inspect.isfunction(member) or inspect.isbuiltin(member):
+                doc = inspect.getdoc(member)
+                if doc and len(doc) > 40:
+                    parts.append(doc)
+    return "\n\n".join(parts)
+
+
+def _group_params(w: torch.Tensor, maxq: int, min_zero: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max scale and integer zero per row of ``w`` ``[out, gs]`` (float64), as quantize_rtn."""
+    lo = w.amin(dim=1).clamp(max=0)
+    hi = w.amax(dim=1).clamp(min=0)
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.to(torch.float16).to(torch.float64)
+    scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.full_like(scale, 2.0 ** -14))
+    zero = torch.round(-lo / scale).clamp(min_zero, maxq)
+    return scale, zero
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """``2 X.T X / n`` float64 ``[in, in]`` from inputs ``x`` ``[..., in]`` (the 1/n keeps the damping
+    relative; it does not change the minimiser)."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return 2.0 * (x.T @ x) / max(x.shape[0], 1)
+
+
+def gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
+                  act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
+                  bias: Optional[torch.Tensor] = None, block_size: int = 128) -> QuantizedLinear:
+    """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``H`` ``[in, in]`` (module docstring).
+
+    Args:
+        bits: 2, 3, 4 or 8. group_size: divides ``in``.
+        act_order: visit columns by decreasing ``diag(H)``; records the resulting ``g_idx``.
+        damp: fraction of ``mean(diag(H))`` added to the diagonal.
+        min_zero: smallest zero-point (1 for the v1 "gptq" format).
+    """
+    out_features, in_features = weight.shape
+    check_quant_args(name, in_features, bits, group_size)
+    if H.shape != (in_features, in_features):
+        raise ConfigError(f"{name}: Hessian is {tuple(H.shape)}, expected ({in_features}, {in_features})")
+    if not 0 < damp < 1:
+        raise ConfigError(f"--damp {damp} must be in (0, 1)")
+    maxq = (1 << bits) - 1
+    W = weight.detach().to(torch.float64).clone()
+    H = H.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order \
+        else torch.arange(in_features)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, dtype=torch.float64)
+    L = torch.linalg.cholesky(H)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of H^-1
+
+    n_groups = in_features // group_size
+    Q = torch.zeros_like(W)
+    scales = torch.empty(n_groups, out_features, dtype=torch.float64)
+    zeros = torch.empty(n_groups, out_features, dtype=torch.float64)
+    block = max(group_size, (block_size // group_size) * group_size)  # groups never straddle blocks
+    for b0 in range(0, in_features, block):
+        b1 = min(b0 + block, in_features)
+        W1 = W[:, b0:b1].clone()
+        U1 = U[b0:b1, b0:b1]
+        err1 = torch.zeros_like(W1)
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % group_size == 0:
+                g = col // group_size
+                scales[g], zeros[g] = _group_params(W1[:, j:j + group_size], maxq, min_zero)
+            s, z = scales[col // group_size], zeros[col // group_size]
+            w = W1[:, j]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            Q[:, col] = q
+            err = (w - s * (q - z)) / U1[j, j]
+            W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+            err1[:, j] = err
+        W[:, b1:] -= err1 @ U[b0:b1, b1:]
+
+    codes = torch.empty_like(Q)
+    codes[:, perm] = Q
+    g_idx = torch.empty(in_features, dtype=torch.int64)
+    g_idx[perm] = torch.arange(in_features) // group_size
+    return QuantizedLinear(name=name, bits=bits, group_size=group_size, codes=codes.to(torch.uint8),
+                           scales=scales.to(torch.float32), zeros=zeros, g_idx=g_idx,
+                           bias=None if bias is None else bias.detach().to(torch.float32))
+
+
+def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int) -> torch.Tensor:
+    """Token ids ``[n, seq_len]``: consecutive windows of the tokenized ``text`` (fewer than
+    ``n_samples`` when the text is short; ConfigError when it has not one window)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = min(n_samples, len(ids) // seq_len)
+    if n < 1:
+        raise ConfigError(
+            f"the calibration text has {len(ids)} tokens, fewer than one window of --calibration-seq-len "
+            f"{seq_len}; give a longer --calibration-file or a shorter window"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def gptq_quantize_decoder(model: torch.nn.Module, input_ids: torch.Tensor, bits: int, group_size: int,
+                          act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
+                          progress=None) -> dict[str, QuantizedLinear]:
+    """GPTQ every ``*_proj`` linear of a LLaMA-family ``model``, decoder layer by decoder layer.
+
+    The inputs of layer 0 are captured once; for each layer, the Hessians of its 7 projections
+    are accumulated in one forward over the calibration batch, the projections quantized, their
+    weights replaced by the dequantized ones, and the layer re-run so that the next layer sees the
+    quantized layer's outputs (as in the GPTQ reference). Modifies ``model`` in place.
+
+    Returns:
+        ``{module path: QuantizedLinear}``.
+    """
+    layers = model.model.layers
+    captured: dict = {}
+
+    def catch(module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    hidden, kwargs = captured["hidden"], captured["kwargs"]
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    out: dict[str, QuantizedLinear] = {}
+    for index, layer in enumerate(layers):
+        linears = {n: m for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1].endswith("_proj")}
+        hessians: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def accumulate(name):
+            def hook(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+                hessians[name] = hessians.get(name, 0) + 2.0 * (x.T @ x)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            return hook
+
+        handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
+        try:
+            layer(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, m in linears.items():
+            full = f"model.layers.{index}.{n}"
+            if progress:
+                progress(full)
+            q = gptq_quantize(full, m.weight, hessians[n] / counts[n], bits, group_size, act_order, damp,
+                              min_zero, bias=m.bias)
+            m.weight.copy_(q.dequantize(m.weight.dtype))
+            out[full] = q
+        result = layer(hidden, **kwargs)
+        hidden = result[0] if isinstance(result, tuple) else result
+    return out
