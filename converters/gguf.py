@@ -30,6 +30,7 @@ from qalora_export.io_utils import atomic_output_file
 from qalora_export.merged import MergedModel
 from qalora_export.packing import WORD_BITS
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
+from qalora_export.tokenizer_check import check_tokenizer_matches
 
 from . import gguf_spec as spec
 from .gguf_spec import WEIGHT_ATOL, WEIGHT_TOLERANCE  # noqa: F401  (part of the converter contract)
@@ -407,6 +408,7 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
     out = Path(out)
     source = str(model.base.directory / "config.json")
     hp = read_hyperparams(model.model_config, source)
+    check_tokenizer_matches(model.base, model.tokenizer_dir)
     if weights_dtype == "q4_1":
         preflight_q4_1(model)
     stats: dict[str, Q4_1Stats] = {}

@@ -44,6 +44,7 @@ import torch
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_dir
 from qalora_export.quant import QuantizedLinear
+from qalora_export.tokenizer_check import check_tokenizer_matches
 
 from . import onnx_spec as spec
 from .onnx_genai import GENAI_CONFIG_FILE, MODEL_FILE, write_genai_config
@@ -260,6 +261,7 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
 
     _check_options(zero_points, accuracy_level, dtype)
     decoder_config(model.model_config)  # unsupported architecture: refuse before any work
+    check_tokenizer_matches(model.base, model.tokenizer_dir)  # the export copies it next to the model
     spec.container_bits(model.bits)
     spec.block_size_for(model.group_size)
     quantized = set(model.quantized_modules)

@@ -42,6 +42,7 @@ from .fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
 from .gptq_format import GPTQCheckpoint, zero_range
 from .io_utils import check_output_path
 from .model import TARGET_MODULES, build_model, qalora_modules
+from .tokenizer_check import check_tokenizer_matches
 
 TRAINING_LOG = "training_log.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
@@ -376,6 +377,7 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
             f"one pooled feature per layer, and its adapters no single pooling group size; quantize "
             f"the base with --group-size 32, 64 or 128"
         )
+    check_tokenizer_matches(ckpt)
     tokenizer = load_tokenizer(base_dir)
     data = prepare_data(tokenizer, data_path, config)
 

@@ -23,6 +23,7 @@ import torch
 
 from .errors import ConfigError
 from .merged import MergedModel
+from .tokenizer_check import check_tokenizer_matches
 
 FIXED_PROMPTS = (
     "What is the capital of France?",
@@ -122,6 +123,10 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
     fmt = fmt or detect_format(artifact)
     converter = get_converter(fmt)
     model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
+    if runtime:  # the runtimes tokenize with these: ids beyond the embedding fail deep inside them
+        check_tokenizer_matches(model.base)
+        if artifact.is_dir():
+            check_tokenizer_matches(model.base, artifact)
     if progress:
         progress("weights")
     weights = weight_report(model, converter, artifact)
