@@ -92,7 +92,8 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          max_length=args.max_length, seed=args.seed, held_out=args.held_out,
-                         on_overlong=args.on_overlong, integer_zeros=args.integer_zeros)
+                         on_overlong=args.on_overlong, integer_zeros=args.integer_zeros,
+                         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
     from tqdm import tqdm
 
     bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False)
@@ -103,7 +104,7 @@ def cmd_train(args) -> int:
 
     try:
         result = train_adapter(args.base, args.data, args.output, config, overwrite=args.overwrite,
-                               progress=progress, device=args.device)
+                               progress=progress, device=args.device, resume=args.resume)
     finally:
         bar.close()
     summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
@@ -301,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to do with examples longer than --max-length (always counted and reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) "
+                        "every N steps into <output>.checkpoints (0: none)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest K checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in <output>.checkpoints (same base, data, settings)")
     p.add_argument("--integer-zeros", action="store_true",
                    help="round the zero shift (straight-through) in training so the adapter folds into "
                         "integral, in-range GPTQ zeros (merge --to gptq --require-exact then succeeds)")

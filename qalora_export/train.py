@@ -41,6 +41,7 @@ from .evaluate import autocast_context, held_out_loss, response_loss
 from .fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
 from .gptq_format import GPTQCheckpoint, zero_range
 from .io_utils import check_output_path
+from .train_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .model import TARGET_MODULES, build_model, qalora_modules
 from .tokenizer_check import check_tokenizer_matches
 
@@ -75,6 +76,9 @@ class TrainConfig:
             rounded (straight-through) and clamped to the base's GPTQ zero range in the forward,
             so the saved adapter folds into integral, in-range zeros and ``merge --to gptq
             --require-exact`` succeeds (see ``qalora_layer.py`` and ``fold.py``).
+        checkpoint_every: write a resumable checkpoint every this many steps (0: none); see
+            :mod:`qalora_export.train_checkpoint`.
+        keep_checkpoints: keep the newest this many checkpoints.
     """
 
     rank: int = 16
@@ -94,6 +98,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 1
     integer_zeros: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the flag for any value out of range."""
@@ -104,6 +110,10 @@ class TrainConfig:
 
         if not isinstance(self.integer_zeros, bool):
             raise ConfigError(f"--integer-zeros must be a boolean, got {self.integer_zeros!r}")
+        for name in ("checkpoint_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
         for name in ("rank", "steps", "batch_size", "max_length", "log_every"):
             positive_int(name)
         for name, lo in (("alpha", None), ("lr", None), ("weight_decay", 0.0), ("grad_clip", 0.0)):
@@ -340,7 +350,8 @@ def adapter_from_model(model: nn.Module, ckpt: GPTQCheckpoint, config: TrainConf
 
 def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | str, config: TrainConfig,
                   overwrite: bool = False, progress: Optional[Callable[[int, float], None]] = None,
-                  device: str = "cpu") -> TrainResult:
+                  device: str = "cpu", resume: bool = False,
+                  checkpoint_dir: Optional[Path | str] = None) -> TrainResult:
     """Train a QA-LoRA adapter on the GPTQ base ``base_dir`` and save it to ``out_dir``.
 
     Args:
@@ -350,6 +361,11 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
         config: hyper-parameters; validated first.
         progress: called after every step with (step, loss); nothing is printed.
         device: "cpu" or "cuda[:n]" (bf16 autocast on CUDA).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (a fresh run when there
+            is none); refused when it was written with another base, data or config. The resumed
+            run reproduces the uninterrupted run's losses and adapter exactly.
+        checkpoint_dir: where ``config.checkpoint_every`` checkpoints go; default
+            ``<out_dir>.checkpoints``.
 
     Returns:
         a :class:`TrainResult`; the adapter directory holds PEFT's files, ``qalora_export.json``
@@ -401,13 +417,26 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     def evaluate_held_out() -> Optional[float]:
         return held_out_loss(model, data.held_out, data.pad_token_id, eval_batch, dev, cache) if data.held_out else None
 
-    before = evaluate_held_out()
-
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".checkpoints")
+    run_identity = {"config": json.loads(json.dumps(
+                        {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")})),
+                    "base_fingerprint": ckpt.fingerprint(), "data_sha256": file_sha256(data_path)}
     losses: list[float] = []
     log_rows: list[str] = []
     tokens_seen = 0
+    first_step = 1
+    latest = latest_checkpoint(ckpt_root) if resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, named, optimizer, scheduler, run_identity)
+        stream.load_state_dict(state["stream"])
+        losses, log_rows, tokens_seen = list(state["losses"]), list(state["log_rows"]), int(state["tokens"])
+        before = state["held_out_loss_before"]
+        first_step = int(state["step"]) + 1
+    else:
+        before = evaluate_held_out()
+
     start = time.perf_counter()
-    for step in range(1, config.steps + 1):
+    for step in range(first_step, config.steps + 1):
         lr = scheduler.get_last_lr()[0]
         batch = collate([data.train[i] for i in stream.next_batch()], data.pad_token_id)
         tokens_seen += int(batch["attention_mask"].sum())
@@ -418,6 +447,10 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
             log_rows.append(json.dumps({
                 "step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "response_tokens": n_response,
                 "grad_norm": grad_norm, "seconds": round(time.perf_counter() - start, 3)}))
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            save_checkpoint(ckpt_root, step, named, optimizer, scheduler, {
+                "stream": stream.state_dict(), "losses": losses, "log_rows": log_rows, "tokens": tokens_seen,
+                "held_out_loss_before": before, **run_identity}, config.keep_checkpoints)
         if progress is not None:
             progress(step, loss)
     seconds = time.perf_counter() - start
@@ -445,7 +478,7 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
         adapter_dir=str(out_dir), steps=config.steps, train_loss_first=losses[0], train_loss_last=losses[-1],
         held_out_loss_before=before, held_out_loss_after=after, tokens=tokens_seen, seconds=seconds,
         dataset_stats=data.stats, losses=losses, train_examples=len(data.train),
-        held_out_examples=len(data.held_out), seconds_per_step=seconds / config.steps,
+        held_out_examples=len(data.held_out), seconds_per_step=seconds / max(1, config.steps - first_step + 1),
     )
 
 
