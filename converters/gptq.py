@@ -19,6 +19,7 @@ reference the artifact must equal (the exact fold, or the declared rounding of i
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
     quantized = set(model.quantized_modules)
     in_features = {name: _in_features(model, name) for name in model.quantized_modules}
     layer_stats: dict[str, tuple[int, ZeroPolicyResult, object]] = {}
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, single_threaded_torch():
         _, total_bytes = write_checkpoint(tmp, specs, produce, max_shard_bytes)
         for name in model.quantized_modules:  # summary in module order, whatever the file order
             n_zeros, zres, stats = layer_stats[name]
@@ -194,6 +195,18 @@ OUTPUT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.
 def _in_features(model: MergedModel, name: str) -> int:
     _, shape = model.base.tensor_spec(f"{name}.qweight")
     return shape[0] * 32 // model.bits
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch on one thread inside: the merge's tensor ops are small ([G, out]) and I/O-bound, and
+    intra-op threads only contend (7x slower folds measured on 2 busy cores; docs/scale.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSpec]:

@@ -175,7 +175,7 @@ class ExternalData:
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
-        data = array.tobytes()
+        data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else b""  # no copy of the bytes
         self._file.write(data)
         tensor = TensorProto()
         tensor.name = name
@@ -299,7 +299,9 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
     def project(x: str, module: str, out_features: int) -> str:
         lin = linear(module)
         if isinstance(lin, FloatLinear):
-            wt = gb.initializer(f"{module}.weight_t", as_io(np.asarray(lin.weight).T))
+            # one C-order copy in the io dtype (astype of the transposed view would keep Fortran
+            # order and cost a second copy when written)
+            wt = gb.initializer(f"{module}.weight_t", np.ascontiguousarray(np.asarray(lin.weight).T, dtype=io_np))
             y = gb.node("MatMul", [x, wt], f"/{module}/MatMul")
         else:
             if lin.perm is not None:

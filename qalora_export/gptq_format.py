@@ -322,7 +322,11 @@ class GPTQCheckpoint:
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {key} is missing")
         try:
-            return self._handle(path).get_tensor(key)
+            # A fresh handle per read: safetensors maps the whole file, and every page a read
+            # touches counts in this process's RSS until the mapping goes, so a cached handle would
+            # grow RSS to the size of the checkpoint. Closing it after one tensor keeps one tensor.
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
         except CheckpointError:
             raise
         except Exception as exc:

@@ -1,0 +1,55 @@
+"""ONNX external data is written without copying tensor bytes, and the files are unchanged by it.
+
+``ExternalData.add`` used to write ``array.tobytes()`` (a second copy of every initializer, 0.5 GB
+for a 7B lm_head in fp32) and float projections were cast from a transposed view (Fortran order,
+a third copy when written). The export now writes a memoryview of one C-order array. This test
+exports the same tiny model with the current code and with the original ``add`` patched back in,
+and compares every file byte for byte (untied lm_head as a float MatMul included).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+import tiny_models
+from qalora_export.converters import onnx as onnx_converter
+from qalora_export.converters import onnx_graph
+from qalora_export.merged import MergedModel
+
+
+def original_add(self, name: str, array: np.ndarray) -> TensorProto:
+    """``ExternalData.add`` as it was before streaming (tobytes copy)."""
+    array = np.ascontiguousarray(array)
+    pad = (-self._offset) % onnx_graph.EXTERNAL_ALIGN
+    if pad:
+        self._file.write(b"\0" * pad)
+        self._offset += pad
+    data = array.tobytes()
+    self._file.write(data)
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(len(data)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    self._offset += len(data)
+    return tensor
+
+
+def test_streamed_external_data_is_byte_identical(tmp_path, monkeypatch):
+    base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
+    adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4)
+    model = MergedModel.open(base, adapter)
+    onnx_converter.export(model, tmp_path / "new", zero_points="split")
+    onnx_converter.export_float_reference(model, tmp_path / "new-float")
+    monkeypatch.setattr(onnx_graph.ExternalData, "add", original_add)
+    onnx_converter.export(model, tmp_path / "old", zero_points="split")
+    onnx_converter.export_float_reference(model, tmp_path / "old-float")
+    for new, old in (("new", "old"), ("new-float", "old-float")):
+        files = sorted(p.name for p in (tmp_path / new).iterdir())
+        assert files == sorted(p.name for p in (tmp_path / old).iterdir())
+        for name in files:
+            assert (tmp_path / new / name).read_bytes() == (tmp_path / old / name).read_bytes(), f"{new}/{name}"
