@@ -520,6 +520,9 @@ def _open_reader(path: Path | str):
 
     if not Path(path).is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
+    # Walk the header first with our bounded scan: gguf-py reads past the end of the file as empty
+    # arrays, so a damaged array count makes it loop (up to 2**64 times) instead of failing.
+    read_file_types(path)
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # ValueError, IndexError, KeyError, UnicodeDecodeError, struct errors, ...

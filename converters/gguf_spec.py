@@ -296,6 +296,8 @@ def _scan(buf, path) -> dict[str, int]:
         pos += 8 * n_dims
         types[name] = u32()
         pos += 8  # offset
+    if pos > len(buf):  # a count or length that runs past the end: only a final unpack would notice
+        raise ValueError(f"{path}: the GGUF header runs past the end of the file ({pos} > {len(buf)} bytes)")
     return types
 
 

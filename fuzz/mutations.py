@@ -10,6 +10,7 @@ the file back with a consistent (or, sometimes, a wrong) length prefix.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import struct
@@ -59,6 +60,12 @@ def _paths(value: Any, prefix: tuple = ()) -> Iterator[tuple]:
             yield from _paths(v, prefix + (i,))
 
 
+def _nasty(draw) -> Any:
+    """A fresh copy: sampled containers are shared objects, and inserting one twice (or into
+    itself) would build a cycle."""
+    return copy.deepcopy(draw(NASTY_VALUES))
+
+
 @st.composite
 def json_edits(draw, doc: Any, max_edits: int = 3) -> Any:
     """A deep copy of ``doc`` with 1..max_edits values replaced, keys deleted or keys added."""
@@ -69,19 +76,19 @@ def json_edits(draw, doc: Any, max_edits: int = 3) -> Any:
         op = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
         if not path:
             if op == "replace":
-                doc = draw(NASTY_VALUES)
+                doc = _nasty(draw)
             continue
         parent = doc
         for key in path[:-1]:
             parent = parent[key]
         last = path[-1]
         if op == "replace":
-            parent[last] = draw(NASTY_VALUES)
+            parent[last] = _nasty(draw)
         elif op == "delete":
             del parent[last]
         elif isinstance(parent, dict):
             parent[draw(st.sampled_from(["bits", "group_size", "dtype", "shape", "data_offsets", "__metadata__",
-                                         "r", "lora_alpha", "pooling", "extra"]))] = draw(NASTY_VALUES)
+                                         "r", "lora_alpha", "pooling", "extra"]))] = _nasty(draw)
     return doc
 
 

@@ -118,3 +118,79 @@ def test_nan_scale_is_refused(tpl, ws, seed):
     damaged[int(t.data_offset):int(t.data_offset) + 2] = np.float16(np.nan).tobytes()  # block 0's d
     result = harness.check_typed("gguf", bytes(damaged), tpl, ws)
     assert isinstance(result, CheckpointError) and "NaN" in str(result)
+
+
+# ------------------------------------------------------------------- each refusal, deterministically
+
+
+def _write_gguf(path: Path, tensors: dict, head_count=2) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.attention.head_count", head_count) if isinstance(head_count, int) else \
+        w.add_string("llama.attention.head_count", head_count)
+    for name, array in tensors.items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_missing_file_is_refused(tmp_path):
+    from qalora_export.converters import get_converter
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        list(get_converter("gguf").read_weights(tmp_path / "nope.gguf"))
+
+
+def test_unreadable_path_in_type_scan_is_refused(tmp_path):
+    from qalora_export.converters import get_converter
+
+    with pytest.raises(CheckpointError, match="cannot read GGUF file"):
+        get_converter("gguf").read_file_types(tmp_path)  # a directory
+    (tmp_path / "x.gguf").write_bytes(b"GGML" + bytes(40))
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        get_converter("gguf").read_file_types(tmp_path / "x.gguf")
+
+
+def test_weight_that_is_not_2d_is_refused(tmp_path):
+    from qalora_export.converters import get_converter
+
+    path = _write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": np.ones((2, 4, 32), dtype=np.float32)})
+    with pytest.raises(CheckpointError, match="3-D, expected a 2-D weight"):
+        list(get_converter("gguf").read_weights(path))
+
+
+def test_undecodable_tensor_is_refused(tmp_path):
+    """q rows that cannot be split into the declared heads' rotary pairs."""
+    from qalora_export.converters import get_converter
+
+    path = _write_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.ones((6, 32), dtype=np.float32)}, head_count=4)
+    with pytest.raises(CheckpointError, match="cannot be decoded"):
+        list(get_converter("gguf").read_weights(path))
+
+
+def test_array_count_past_the_end_is_refused_not_a_hang(tmp_path):
+    """Found by atheris: gguf-py reads past the end of the file as empty arrays, so an array whose
+    count runs past the end looped (up to 2**64 times). Our bounded header scan refuses it first."""
+    import struct
+
+    import gguf
+
+    from qalora_export.converters import get_converter
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("qalora_export.test", [7, 8, 9])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", 3) + struct.pack("<i", 7)) if struct.pack("<i", 7) in data else None
+    assert at is not None, "layout of the test array changed"
+    data[at:at + 8] = struct.pack("<Q", 2**40)
+    path.write_bytes(bytes(data))
+    with mutations.deadline(20), pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        list(get_converter("gguf").read_weights(path))

@@ -136,3 +136,104 @@ def test_external_data_outside_the_directory_is_refused(tpl, ws, location):
         entry.key, entry.value = key, value
     result = harness.check_typed("onnx", harness.encode_choice(MODEL, proto.SerializeToString()), tpl, ws)
     assert isinstance(result, CheckpointError) and "inside the model directory" in str(result)
+
+
+# ------------------------------------------------------------------- each refusal, deterministically
+
+
+def _node_inits(proto):
+    node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
+    inits = {t.name: t for t in proto.graph.initializer}
+    return node, inits
+
+
+def _damage_bits(proto):
+    node, _ = _node_inits(proto)
+    next(a for a in node.attribute if a.name == "bits").i = 3
+
+
+def _damage_inputs(proto):
+    node, _ = _node_inits(proto)
+    del node.input[2:]
+
+
+def _damage_b_dtype(proto):
+    from onnx import TensorProto
+
+    node, inits = _node_inits(proto)
+    inits[node.input[1]].data_type = TensorProto.INT8
+
+
+def _damage_scales_nan(proto):
+    import numpy as np
+
+    node, inits = _node_inits(proto)
+    t = inits[node.input[2]]
+    raw = np.frombuffer(t.raw_data, dtype=np.float32).copy()
+    raw[0] = np.nan
+    t.raw_data = raw.tobytes()
+
+
+def _damage_zero_points_dtype(proto):
+    from onnx import TensorProto
+
+    node, inits = _node_inits(proto)
+    t = inits[node.input[3]]
+    t.data_type = TensorProto.INT16
+    t.dims[1] = 1
+    t.raw_data = t.raw_data + t.raw_data
+
+
+def _damage_residual(proto):
+    node, inits = _node_inits(proto)
+    t = inits[f"{node.name}.MatMulNBits.zero_residual"]
+    t.dims[0], t.dims[1] = t.dims[1], t.dims[0]
+
+
+def _damage_metadata(proto):
+    next(e for e in proto.metadata_props if e.key.endswith("merge")).value = "[1, 2]"
+
+
+def _external(proto, **fields):
+    """Move B of the first node to external data with the given fields."""
+    from onnx import TensorProto
+
+    node, inits = _node_inits(proto)
+    t = inits[node.input[1]]
+    length = len(t.raw_data)
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    values = {"location": "model.onnx.data", "offset": "0", "length": str(length), **fields}
+    for key, value in values.items():
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+DAMAGE = {
+    "has bits=3": _damage_bits,
+    "MatMulNBits needs A, B, scales": _damage_inputs,
+    "expected uint8": _damage_b_dtype,
+    "decodes to NaN or inf": _damage_scales_nan,
+    "neither packed uint8 nor float": _damage_zero_points_dtype,
+    "with G dividing": _damage_residual,
+    "must be a JSON object": _damage_metadata,
+    "non-integer offset/length": lambda p: _external(p, offset="1e3"),
+    "bytes at offset": lambda p: _external(p, length="7"),
+    "is truncated": lambda p: _external(p, offset="99999999"),
+    "cannot read external data": lambda p: _external(p, location="missing.data"),
+}
+
+
+@pytest.mark.parametrize("message", sorted(DAMAGE))
+def test_each_damage_is_refused_with_its_reason(tpl, ws, message):
+    proto = _proto(tpl)
+    DAMAGE[message](proto)
+    result = harness.check_typed("onnx", harness.encode_choice(MODEL, proto.SerializeToString()), tpl, ws)
+    assert isinstance(result, CheckpointError) and message in str(result), result
+
+
+def test_missing_model_file_is_refused(tmp_path):
+    from qalora_export.converters import get_converter
+
+    with pytest.raises(CheckpointError, match="has no model.onnx"):
+        list(get_converter("onnx").read_weights(tmp_path))
