@@ -84,8 +84,10 @@ def run_demo(workdir: Path, steps: int = 24, formats: tuple[str, ...] | list[str
 
     t0 = time.time()
     adapter_dir = workdir / "adapter"
-    log(f"[4/6] train QA-LoRA: {steps} steps on {len(train_examples)} examples -> {adapter_dir}")
-    config = TrainConfig(steps=steps, max_length=MAX_LENGTH, seed=seed, held_out=16)
+    log(f"[4/6] train QA-LoRA (integer zeros): {steps} steps on {len(train_examples)} examples -> {adapter_dir}")
+    # Integer-zero training: the folded zero-points are integers by construction, so the AutoGPTQ
+    # artifact (integer zeros) is bit-exact; a float-zero adapter would have to be rounded into it.
+    config = TrainConfig(steps=steps, max_length=MAX_LENGTH, seed=seed, held_out=16, integer_zeros=True)
     last = {"t": time.time()}
 
     def progress(step: int, loss: float) -> None:
@@ -108,7 +110,8 @@ def run_demo(workdir: Path, steps: int = 24, formats: tuple[str, ...] | list[str
         t0 = time.time()
         out = workdir / ("merged.gguf" if fmt == "gguf" else f"merged-{fmt}")
         log(f"[5/6] merge -> {fmt}: {out}")
-        summary = get_converter(fmt).export(model, out, overwrite=True)
+        options = {"require_exact": True} if fmt == "gptq" else {}
+        summary = get_converter(fmt).export(model, out, overwrite=True, **options)
         log(f"[6/6] verify {out}")
         report = verify_artifact(out, base, adapter_dir)
         (workdir / f"verify-{fmt}.json").write_text(json.dumps(report, indent=2, default=float))

@@ -29,39 +29,42 @@ def pipeline(tmp_path_factory):
     write_jsonl(data, train)
     adapter = root / "adapter"
     assert main(["train", str(base), "--data", str(data), "-o", str(adapter), "--rank", "4", "--steps", "3",
-                 "--batch-size", "4", "--max-length", "128", "--held-out", "4"]) == EXIT_OK
+                 "--batch-size", "4", "--max-length", "128", "--held-out", "4", "--integer-zeros", "--lr", "5e-2"]) == EXIT_OK
     return root, base, adapter
 
 
 def test_merge_gptq_verify_and_inspect(pipeline, capsys):
+    """An integer-zero adapter folds exactly into GPTQ and passes the gate, exactness required."""
     root, base, adapter = pipeline
     out = root / "merged-gptq"
-    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out)]) == EXIT_OK
-    merged_info = capsys.readouterr().out
-    assert "exact" in merged_info
+    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--require-exact"]) == EXIT_OK
+    assert "exact" in capsys.readouterr().out
     report = root / "verify-gptq.json"
-    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--report", str(report)]) == EXIT_OK
+    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--report", str(report),
+                 "--require-exact"]) == EXIT_OK
     data = json.loads(report.read_text())
-    assert data["passed"] and data["format"] == "gptq"
+    assert data["passed"] and data["format"] == "gptq" and data["weights"]["merge"]["exact"]
+    assert data["weights"]["max_abs_vs_unmerged"] == 0.0
     assert report.with_suffix(".md").is_file()
-    # a rounded merge fails the gate when exactness is required
-    exact = json.loads(report.read_text())["weights"]["merge"]["exact"]
-    code = main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--require-exact",
-                 "--weights-only"])
-    assert code == (EXIT_OK if exact else EXIT_VERIFY_FAILED)
     for path in (base, adapter, out):
         assert main(["inspect", str(path)]) == EXIT_OK
     assert '"kind"' in capsys.readouterr().out
 
 
-def test_merge_require_exact_refuses_rounding(pipeline, capsys):
-    root, base, adapter = pipeline
-    out = root / "exact-gptq"
-    code = main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--require-exact"])
+def test_rounded_gptq_merge_is_reported_and_fails_the_gate(pipeline, tmp_path, capsys):
+    """A float-zero adapter is rounded into GPTQ (said so); the rounded artifact is not the trained model."""
+    root, base, _ = pipeline
+    adapter = tiny_models.make_random_adapter(base, tmp_path / "float-adapter", rank=4, magnitude=0.3)
+    out = tmp_path / "rounded-gptq"
+    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out)]) == EXIT_OK
+    assert "zero-points were rounded" in capsys.readouterr().out
+    assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter)]) == EXIT_VERIFY_FAILED
+    exact = tmp_path / "exact-gptq"
+    code = main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(exact), "--require-exact"])
     assert code == EXIT_BAD_INPUT
     assert "--require-exact" in capsys.readouterr().err
-    assert not out.exists()
-    assert not [p for p in root.iterdir() if p.name.startswith(".exact-gptq")]
+    assert not exact.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exact-gptq")]
 
 
 def test_verify_fails_for_the_wrong_adapter(pipeline, tmp_path):
