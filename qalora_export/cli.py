@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on the SmolLM2-135M fixture, with a before/after table")
     p.add_argument("--workdir", type=Path, default=Path("qalora-demo"))
-    p.add_argument("--steps", type=int, default=24, help="training steps (the task is learnt in ~20)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="training steps (integer-zero training learns the task in ~30-40)")
     p.add_argument("--formats", default="gptq", help="comma-separated export formats to merge and verify")
     p.set_defaults(func=cmd_demo)
 

@@ -37,7 +37,7 @@ def _evaluate(model, tokenizer, held_out: list[dict], dataset, log: Callable[[st
             "example": {"expected": sample.expected, "generated": sample.generated}}
 
 
-def run_demo(workdir: Path, steps: int = 24, formats: tuple[str, ...] | list[str] = ("gptq",),
+def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str] = ("gptq",),
              overwrite: bool = True, log: Optional[Callable[[str], None]] = None, seed: int = 0) -> dict:
     """Run the demo under ``workdir``; returns the report (also written as ``demo_report.json``)."""
     from transformers import AutoTokenizer
@@ -159,6 +159,10 @@ def _verify_digest(report: dict) -> dict:
     }
 
 
+def _fmt_share(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def format_demo_table(report: dict) -> str:
     """The demo's one table (markdown), plus the verify line for each artifact."""
     lines = [
@@ -183,7 +187,7 @@ def format_demo_table(report: dict) -> str:
         lines.append(
             f"verify {fmt}: {'PASSED' if v['passed'] else 'FAILED'} - {exact}; weights vs declared max "
             f"{v['weights_max_abs_vs_declared']:.1e}, vs unmerged max {v['weights_max_abs_vs_unmerged']:.1e}; "
-            f"runtime KL vs unmerged {kl} (floor {floor}), top-1 {v['top1_vs_unmerged']}")
+            f"runtime KL vs unmerged {kl} (floor {floor}), top-1 agreement {_fmt_share(v['top1_vs_unmerged'])}")
     t = report["timings_s"]
     lines.append(f"\ntime: total {t['total']:.0f}s (quantize {t['quantize']:.0f}s, train {t['train']:.0f}s); "
                  f"train loss {report['train'].get('train_loss_first', float('nan')):.3f} -> "
