@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import harness  # noqa: E402
+from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 from test_fuzz_safetensors import assert_fingerprint_sound  # noqa: E402
 
@@ -27,18 +28,6 @@ from qalora_export.errors import CheckpointError  # noqa: E402
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 CONFIG, QUANTIZE_CONFIG = range(2)
-
-
-@pytest.fixture(scope="module")
-def tpl() -> Path:
-    return harness.build_test_templates()
-
-
-@pytest.fixture(scope="module")
-def ws():
-    w = harness.Workspace()
-    yield w
-    w.close()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import harness  # noqa: E402
+from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 import seeds  # noqa: E402
 
@@ -33,13 +34,6 @@ MESSAGES = st.builds(
                            + [m for u, a in turns for m in ({"role": "user", "content": u},
                                                             {"role": "assistant", "content": a})]},
     st.one_of(st.none(), TEXT), st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=3))
-
-
-@pytest.fixture(scope="module")
-def ws():
-    w = harness.Workspace()
-    yield w
-    w.close()
 
 
 def run(ws, data: bytes):

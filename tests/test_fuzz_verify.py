@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import harness  # noqa: E402
+from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 
 from qalora_export.converters import get_converter  # noqa: E402
@@ -27,18 +28,6 @@ from qalora_export.verify import verify_artifact  # noqa: E402
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 ARTIFACTS = {"gptq": ("merged", "model.safetensors"), "onnx": ("onnx", "model.onnx"), "gguf": (None, "model.gguf")}
-
-
-@pytest.fixture(scope="module")
-def tpl() -> Path:
-    return harness.build_test_templates()
-
-
-@pytest.fixture(scope="module")
-def ws():
-    w = harness.Workspace()
-    yield w
-    w.close()
 
 
 @pytest.fixture(scope="module")
