@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from qalora_export.errors import FoldError, FormatLimitError
+from qalora_export.packing import WORD_BITS
 from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE,
                                        QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQCheckpoint,
                                        GPTQConfig, encode_layer, encode_zero_points, write_checkpoint,
@@ -194,7 +195,7 @@ OUTPUT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.
 
 def _in_features(model: MergedModel, name: str) -> int:
     _, shape = model.base.tensor_spec(f"{name}.qweight")
-    return shape[0] * 32 // model.bits
+    return shape[0] * WORD_BITS // model.bits
 
 
 @contextlib.contextmanager
@@ -221,7 +222,7 @@ def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSp
         _, qweight = base.tensor_spec(f"{name}.qweight")
         _, qzeros = base.tensor_spec(f"{name}.qzeros")
         _, scales = base.tensor_spec(f"{name}.scales")
-        in_f, out_f = qweight[0] * 32 // model.bits, qweight[1]
+        in_f, out_f = qweight[0] * WORD_BITS // model.bits, qweight[1]
         if model.bits == 3 and (in_f % THREE_BIT_WIDTH_MULTIPLE or out_f % THREE_BIT_WIDTH_MULTIPLE):
             encode_layer(model.base.read_layer(name), checkpoint_format)  # raises the format's refusal
         specs += [TensorSpec(f"{name}.qweight", OUTPUT_DTYPES["qweight"], qweight),

@@ -119,7 +119,9 @@ def output_bytes(config: dict, fmt: str, bits: int, group_size: int) -> int:
         blocks = weights // min(group_size, 128)
         return weights * container // 8 + blocks * 8 + floats
     if fmt == "gguf":
-        return weights // 32 * 20 + floats
+        from qalora_export.converters.gguf_spec import Q4_1_BLOCK_BYTES, QK4_1
+
+        return weights // QK4_1 * Q4_1_BLOCK_BYTES + floats
     raise ValueError(f"unknown format {fmt!r}")
 
 

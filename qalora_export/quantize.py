@@ -17,7 +17,7 @@ import torch
 
 from .errors import ConfigError
 from .float_model import open_float_model
-from .gptq_format import CHECKPOINT_FORMATS, CheckpointWriter, GPTQConfig, encode_layer, write_configs
+from .gptq_format import CHECKPOINT_FORMATS, CheckpointWriter, GPTQConfig, encode_layer, write_configs, zero_range
 from .io_utils import atomic_output_dir
 from .model import check_supported
 from .quant import check_quant_args, quantize_rtn
@@ -77,7 +77,7 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
         raise ConfigError(f"{model_path}: no decoder projection weights (model.layers.N.*_proj.weight) found")
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=False,
                         checkpoint_format=checkpoint_format)
-    min_zero = 1 if checkpoint_format == "gptq" else 0
+    min_zero = zero_range(bits, checkpoint_format)[0]  # v1 cannot store a zero of 0
     errors = []
     with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
         gptq_layers = _gptq_layers(source, tmp, linear, bits, group_size, act_order, calibration, n_samples,

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from qalora_export.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.gptq_format import CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer, write_configs
+from qalora_export.gptq_format import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer, write_configs,
+                                       zero_range)
 from qalora_export.io_utils import atomic_output_dir
 from qalora_export.quant import quantize_rtn
 
@@ -84,7 +85,7 @@ def make_tiny_base(out_dir: Path, bits: int = 4, group_size: int = 32, act_order
                 in_features = t.shape[1]
                 g_idx = (torch.arange(in_features) // group_size)[torch.randperm(in_features, generator=gen)]
                 layer = quantize_rtn(module, t, bits, group_size, g_idx=g_idx,
-                                     min_zero=1 if checkpoint_format == "gptq" else 0)
+                                     min_zero=zero_range(bits, checkpoint_format)[0])
                 for suffix, packed in encode_layer(layer, checkpoint_format).items():
                     writer.add_tensor(f"{module}.{suffix}", packed)
             else:
@@ -118,7 +119,7 @@ def make_random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, alpha: flo
             if rank < G:
                 raise ValueError(f"integral_shift needs rank >= groups ({G}) for {name}")
             shift = torch.randint(-1, 2, (G, out), generator=gen).to(torch.float64)  # [G, out]
-            lo = 1 if ckpt.config.checkpoint_format == "gptq" else 0
+            lo = zero_range(rec.bits, ckpt.config.checkpoint_format)[0]
             moved = rec.zeros - shift
             shift = torch.where((moved < lo) | (moved > (1 << rec.bits) - 1), 0.0, shift)  # stay in range
             a = torch.eye(rank, G, dtype=torch.float64)  # [r, L]: B @ A = B[:, :G]
