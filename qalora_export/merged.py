@@ -32,6 +32,7 @@ class MergedModel:
                  check_fingerprint: bool = True):
         self.base = base
         self.adapter = adapter
+        self._last_layer: Optional[QuantizedLinear] = None
         self.model_config = {k: v for k, v in base.model_config.items() if k != "quantization_config"}
         if adapter is not None:
             unknown = sorted(set(adapter.layers) - set(base.quantized_modules))
@@ -74,7 +75,7 @@ class MergedModel:
         ``with_codes=False``: codes not read (see ``GPTQCheckpoint.read_layer``); the fold never
         changes them, so a converter that copies the packed codes needs nothing more.
         """
-        layer = self.base.read_layer(name, with_codes=with_codes)
+        layer = self._base_layer(name) if with_codes else self.base.read_layer(name, with_codes=False)
         if self.adapter is None:
             return layer, FoldStats(name, 0.0, True)
         return fold_into_zero_points(layer, self.adapter)
@@ -85,7 +86,15 @@ class MergedModel:
 
     def reference_weight(self, name: str) -> torch.Tensor:
         """The unmerged effective weight ``W_hat + dW`` (float64 ``[out, in]``), computed without the fold."""
-        return effective_weight(self.base.read_layer(name), self.adapter)
+        return effective_weight(self._base_layer(name), self.adapter)
+
+    def _base_layer(self, name: str) -> QuantizedLinear:
+        """The base record of ``name``, kept for the next call: verify asks for a layer's folded
+        record and its reference weight in turn, and each would otherwise re-read and unpack it.
+        One layer is held, so memory stays bounded."""
+        if self._last_layer is None or self._last_layer.name != name:
+            self._last_layer = self.base.read_layer(name)
+        return self._last_layer
 
     def other_tensor_names(self) -> list[str]:
         return self.base.other_tensor_names()
