@@ -81,9 +81,23 @@ def column_permutation(layer: QuantizedLinear) -> Optional[np.ndarray]:
     return torch.argsort(g_idx, stable=True).numpy()
 
 
+def relayable(layer: QuantizedLinear) -> bool:
+    """Whether ``B`` of ``layer`` is its GPTQ ``qweight`` re-laid (``onnx_spec.b_from_qweight``):
+    codes whose width is their container's and that divide a byte, in contiguous groups."""
+    return (layer.bits in spec.RELAYABLE_BITS and spec.container_bits(layer.bits) == layer.bits
+            and not layer.is_act_order)
+
+
 def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str = "fp32",
-                  allow_rounding: bool = False) -> tuple["onnx_graph.NBitsLinear", dict]:
+                  allow_rounding: bool = False,
+                  qweight: Optional[np.ndarray] = None) -> tuple["onnx_graph.NBitsLinear", dict]:
     """One folded layer as MatMulNBits inputs, and what storing it lost.
+
+    Args:
+        qweight: the layer's packed GPTQ ``qweight`` (int32 ``[in * bits / 32, out]``) for a
+            :func:`relayable` layer: ``B`` is then re-laid from its words and ``layer.codes`` is not
+            read, so a record from ``read_layer(with_codes=False)`` does. Same bytes as packing
+            the unpacked codes (the fold never changes codes).
 
     Returns:
         the :class:`onnx_graph.NBitsLinear` and ``{"name", "max_abs_error", "rel_error",
@@ -96,10 +110,15 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
     block_size = spec.block_size_for(layer.group_size)
     reps = layer.group_size // block_size
     perm = column_permutation(layer)
-    codes = layer.codes.numpy()
     g_of_block = np.arange(layer.num_groups).repeat(reps)  # group of each block after sorting
-    if perm is not None:
-        codes = codes[:, perm]
+    if qweight is not None:
+        if not relayable(layer):
+            raise ValueError(f"{layer.name}: {layer.bits}-bit{' act-order' if perm is not None else ''} codes "
+                             f"cannot be re-laid from qweight; pass the record with its codes")
+        b = spec.b_from_qweight(qweight, bits, block_size)
+    else:
+        codes = layer.codes.numpy()
+        b = spec.pack_b(codes if perm is None else codes[:, perm], bits, block_size)
     scales64 = layer.scales.to(torch.float64).numpy().T[:, g_of_block]  # [N, k_blocks]
     zeros64 = layer.zeros.to(torch.float64).numpy().T[:, g_of_block]
     io = spec.DTYPES[dtype]
@@ -142,11 +161,8 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
         raise ConfigError(f"--zero-points {zero_points!r} is not one of {spec.ZERO_POINT_KINDS}")
 
     # Error of the stored weight: scale * |zero_stored - zero| (codes and scales are exact).
-    # max |W| of the layer, from each block's smallest and largest code (no full dequantization).
-    blocks = codes.reshape(codes.shape[0], -1, block_size)
-    w_max = float(np.maximum(np.abs(scales64 * (blocks.min(axis=2) - zeros64)),
-                             np.abs(scales64 * (blocks.max(axis=2) - zeros64))).max()) if zeros64.size else 0.0
     max_err = float(np.abs(scales64 * (stored64 - zeros64)).max()) if zeros64.size else 0.0
+    w_max = max_abs_weight(b, bits, scales64, zeros64) if max_err > 0 else 0.0  # only a ratio of 0 needs none
     rel = max_err / w_max if w_max > 0 else 0.0
     is_rounded = rel > spec.WEIGHT_TOLERANCE
     if is_rounded and not allow_rounding:
@@ -166,13 +182,53 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
         zp = np.ascontiguousarray(stored)
     lin = NBitsLinear(
         k=layer.in_features, n=layer.out_features, bits=bits, block_size=block_size,
-        b=spec.pack_b(codes, bits, block_size), scales=np.ascontiguousarray(scales), zero_points=zp,
+        b=b, scales=np.ascontiguousarray(scales), zero_points=zp,
         perm=perm, bias=None if layer.bias is None else layer.bias.numpy().astype(io),
         zero_residual=residual, residual_group=layer.group_size,
     )
     moved = int((stored64 != zeros64).sum()) if is_rounded else 0
     return lin, {"name": layer.name, "max_abs_error": max_err, "rel_error": rel, "rounded": bool(is_rounded),
                  "zeros_moved": moved}
+
+
+#: Blocks whose codes :func:`max_abs_weight` reads before it can stop (the largest bounds first).
+MAX_WEIGHT_CANDIDATES = 256
+
+
+def max_abs_weight(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.ndarray) -> float:
+    """``max |scale * (q - zero)|`` over the layer, reading the codes of only a few blocks of ``B``.
+
+    Args:
+        b: uint8 ``[N, k_blocks, blob]``; scales64, zeros64: float64 ``[N, k_blocks]``.
+
+    Equals the maximum over blocks of ``max(|scale * (min_q - zero)|, |scale * (max_q - zero)|)``
+    bit for bit. A block's value is at most ``|scale| * max(|0 - zero|, |2**bits - 1 - zero|)``
+    (its codes lie in ``0 .. 2**bits - 1`` and rounding is monotonic), so the exact values of the
+    :data:`MAX_WEIGHT_CANDIDATES` blocks with the largest bounds settle it whenever the best of
+    them reaches the next bound; that is the usual case (RTN and GPTQ groups use code 0 or the
+    top code), and otherwise every block is read. This replaces a min/max pass over every code.
+    """
+    if not zeros64.size:
+        return 0.0
+    n_rows, k_blocks, _ = b.shape
+    bound = (np.abs(scales64) * np.maximum(np.abs(0.0 - zeros64), np.abs(float((1 << bits) - 1) - zeros64))).ravel()
+    split = bound.size - min(MAX_WEIGHT_CANDIDATES, bound.size)  # blocks [split:] of the partition are read
+    if split:
+        order = np.argpartition(bound, split - 1)
+        top, rest = order[split:], bound[order[split - 1]]  # rest: the largest bound not read
+    else:
+        top, rest = np.arange(bound.size), -np.inf
+    rows, blocks = np.divmod(top, k_blocks)
+    best = _blocks_max_abs(b[rows, blocks], bits, scales64[rows, blocks], zeros64[rows, blocks])
+    if best >= rest:
+        return best
+    return _blocks_max_abs(b, bits, scales64, zeros64)
+
+
+def _blocks_max_abs(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.ndarray) -> float:
+    """``max |scale * (q - zero)|`` over blocks ``b`` ``[..., blob]`` with scales, zeros ``[...]``."""
+    lo, hi = spec.block_code_range(b, bits)
+    return float(np.maximum(np.abs(scales64 * (lo - zeros64)), np.abs(scales64 * (hi - zeros64))).max())
 
 
 # ------------------------------------------------------------------------------------ export
@@ -231,6 +287,20 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
             "onnx_bytes": sizes[MODEL_FILE] + sizes[DATA_FILE]}
 
 
+def read_for_encoding(model, name: str):
+    """``(folded record, fold stats, qweight or None)`` of ``name`` for :func:`encode_linear`.
+
+    A :func:`relayable` layer comes without its codes, plus its packed ``qweight`` as stored
+    (int32 numpy): the fold never changes codes, and unpacking them to re-pack them was most of
+    the export's time. Other layers (3-bit, act-order) come with their codes.
+    """
+    layer, fold = model.read_layer(name, with_codes=False)
+    if relayable(layer):
+        return layer, fold, model.read_tensor(f"{name}.qweight").numpy()
+    layer, fold = model.read_layer(name)
+    return layer, fold, None
+
+
 def _graph_modules(model_config: dict) -> list[str]:
     n = int(model_config["num_hidden_layers"])
     return [f"model.layers.{i}.{p}" for i in range(n) for p in PROJECTIONS] + ["lm_head"]
@@ -278,9 +348,9 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
     def linear(name: str):
         nonlocal fold_shift
         if name in quantized:
-            layer, fold = model.read_layer(name)
+            layer, fold, qweight = read_for_encoding(model, name)
             fold_shift = max(fold_shift, fold.max_abs_shift)
-            lin, st = encode_linear(layer, zero_points, dtype, allow_rounding)
+            lin, st = encode_linear(layer, zero_points, dtype, allow_rounding, qweight)
             stats.append(st)
             if lin.perm is not None:
                 permuted.append(name)

@@ -159,6 +159,48 @@ def pack_b(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.ascontiguousarray(packed)
 
 
+#: Code widths whose GPTQ ``qweight`` words are, byte for byte, MatMulNBits ``B`` (no code
+#: straddles a byte; 3-bit codes straddle words and go through unpacking into a 4-bit container).
+RELAYABLE_BITS = (2, 4, 8)
+
+
+def b_from_qweight(qweight: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """``B`` straight from a GPTQ ``qweight``, without unpacking: one transpose-copy of the words.
+
+    GPTQ packs the codes of output column ``n`` along ``in`` into int32 words as one
+    little-endian, LSB-first bit stream (``qalora_export.packing``); ``B`` packs row ``n`` along
+    ``K`` LSB-first into bytes. For ``bits`` in :data:`RELAYABLE_BITS` no code straddles a byte,
+    so the little-endian bytes of column ``n``'s words, in order, are row ``n`` of ``B``. Only for
+    contiguous groups (act-order layers need their columns permuted first).
+
+    Args:
+        qweight: int32 ``[K * bits / 32, N]``.
+        bits: the code width, which is also the container width here.
+        block_size: ``K`` must be a whole number of blocks.
+
+    Returns:
+        uint8 ``[N, K / block_size, block_size * bits / 8]``, equal to ``pack_b`` of the unpacked codes.
+    """
+    if bits not in RELAYABLE_BITS:
+        raise FormatLimitError(f"{bits}-bit GPTQ words cannot be re-laid as MatMulNBits B; unpack them (pack_b)")
+    words, n_rows = qweight.shape
+    row_bytes = words * 4
+    blob = block_size * bits // 8
+    if qweight.dtype != np.int32 or row_bytes % blob:
+        raise FormatLimitError(
+            f"qweight {qweight.dtype} {tuple(qweight.shape)} does not hold whole {block_size}-code blocks of "
+            f"{bits}-bit codes ({blob} bytes each)")
+    # one C-order copy of the transposed words, as little-endian bytes whatever the host order
+    rows = np.ascontiguousarray(qweight.T, dtype="<i4").view(np.uint8)
+    return rows.reshape(n_rows, row_bytes // blob, blob)
+
+
+def block_code_range(b: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest and largest code of each block of ``B`` ``[..., blob]``: uint8 ``[...]`` each."""
+    codes = _unpack_lsb_first(b, bits, b.shape[-1] * 8 // bits)
+    return codes.min(axis=-1), codes.max(axis=-1)
+
+
 def unpack_b(b: np.ndarray, bits: int, k: int) -> np.ndarray:
     """Codes uint8 ``[N, K]`` from ``B`` ``[N, k_blocks, block_size * bits / 8]``."""
     n_rows, k_blocks, blob = b.shape
