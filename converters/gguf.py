@@ -28,7 +28,7 @@ import torch
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_file
 from qalora_export.merged import MergedModel
-from qalora_export.packing import WORD_BITS
+from qalora_export.packing import WORD_BITS, unpack_codes
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.tokenizer_check import check_tokenizer_matches
 
@@ -175,12 +175,33 @@ def preflight_q4_1(model: MergedModel) -> None:
             raise FormatLimitError(problem)
 
 
-def encode_q4_1(layer: QuantizedLinear, row_perm: Optional[np.ndarray] = None) -> tuple[np.ndarray, Q4_1Stats]:
-    """A folded layer as Q4_1 blocks uint8 ``[out, in / 32 * 20]`` (rows permuted by ``row_perm``)."""
+def encode_q4_1(layer: QuantizedLinear, row_perm: Optional[np.ndarray] = None,
+                qweight: Optional[np.ndarray] = None) -> tuple[np.ndarray, Q4_1Stats]:
+    """A folded layer as Q4_1 blocks uint8 ``[out, in / 32 * 20]`` (rows permuted by ``row_perm``).
+
+    ``qweight``: the layer's packed GPTQ ``qweight`` (int32 ``[in * bits / 32, out]``). When
+    given, the codes come from its words (:func:`block_code_bytes`) and ``layer.codes`` is not
+    read, so a record from ``read_layer(with_codes=False)`` does; same bytes as from the codes.
+    """
     check_q4_1_layer(layer)
-    codes = layer.codes.numpy()
-    if codes.size and int(codes.max()) > spec.Q4_1_MAX_CODE:
-        raise FormatLimitError(f"{layer.name}: a code exceeds {spec.Q4_1_MAX_CODE}, the largest Q4_1 value")
+    if qweight is None:
+        codes = layer.codes.numpy()
+        if codes.size and int(codes.max()) > spec.Q4_1_MAX_CODE:
+            raise FormatLimitError(f"{layer.name}: a code exceeds {spec.Q4_1_MAX_CODE}, the largest Q4_1 value")
+    d_blocks, m_blocks, stats = _q4_1_block_params(layer)
+    if row_perm is not None:
+        d_blocks, m_blocks = d_blocks[row_perm], m_blocks[row_perm]
+    if qweight is not None:
+        packed, bits = block_code_bytes(qweight, layer.bits, layer.in_features, row_perm)
+        return spec.pack_q4_1_from_packed(packed, bits, d_blocks, m_blocks), stats
+    if row_perm is not None:
+        codes = codes[row_perm]
+    return spec.pack_q4_1(codes, d_blocks, m_blocks), stats
+
+
+def _q4_1_block_params(layer: QuantizedLinear) -> tuple[np.ndarray, np.ndarray, Q4_1Stats]:
+    """``d`` and ``m`` float16 ``[out, in / 32]`` of each block (``scale``, ``-scale * zero'`` of its
+    group), and their fp16 rounding; refuses values fp16 cannot hold."""
     scale = layer.scales.to(torch.float64).numpy()  # [G, out]
     m = -scale * layer.zeros.to(torch.float64).numpy()
     for label, values in (("scale (d)", scale), ("m = -scale * zero'", m)):
@@ -195,10 +216,32 @@ def encode_q4_1(layer: QuantizedLinear, row_perm: Optional[np.ndarray] = None) -
         max_d_rounding=float(np.abs(d16.astype(np.float64) - scale).max()) if m.size else 0.0,
     )
     block_group = np.arange(layer.in_features // spec.QK4_1) * spec.QK4_1 // layer.group_size
-    d_blocks, m_blocks = d16.T[:, block_group], m16.T[:, block_group]  # [out, nb]
-    if row_perm is not None:
-        codes, d_blocks, m_blocks = codes[row_perm], d_blocks[row_perm], m_blocks[row_perm]
-    return spec.pack_q4_1(codes, d_blocks, m_blocks), stats
+    return d16.T[:, block_group], m16.T[:, block_group], stats
+
+
+def block_code_bytes(qweight: np.ndarray, bits: int, in_features: int,
+                     row_perm: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """The codes of each output row's 32-code blocks as packed bytes, from GPTQ ``qweight``.
+
+    2- and 4-bit words are already such bytes (GPTQ packs along ``in`` as one little-endian,
+    LSB-first stream): one transpose-copy (with the row permutation) of the words. 3-bit codes
+    straddle words, so they are unpacked to one code a byte (``packing.unpack_codes``, vectorised).
+
+    Args:
+        qweight: int32 ``[in * bits / 32, out]`` (3-bit: whole 3-word cycles).
+        row_perm: int64 ``[out]`` or None: output row ``r`` is column ``row_perm[r]`` of ``qweight``.
+
+    Returns:
+        (uint8 ``[out, in / 32, 4 * b]``, ``b``) with ``b`` = ``bits`` for 2/4-bit codes, 8 for 3-bit.
+    """
+    out_features = qweight.shape[1]
+    if bits in spec.PACKED_CODE_BITS:
+        words = qweight.T if row_perm is None else qweight.T[row_perm]
+        rows = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)  # little-endian bytes, in order
+    else:
+        codes = unpack_codes(torch.from_numpy(qweight), bits, dim=0, n_codes=in_features).numpy()  # [in, out]
+        rows, bits = np.ascontiguousarray(codes.T if row_perm is None else codes.T[row_perm]), 8
+    return rows.reshape(out_features, in_features // spec.QK4_1, spec.QK4_1 * bits // 8), bits
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -271,10 +314,12 @@ def _plan(model: MergedModel, hp: HyperParams, embeddings: str, weights_dtype: s
         perm = perm_for(module, out_f)
 
         def q4_1() -> np.ndarray:
-            layer, fold = model.read_layer(module)
+            # the fold never changes codes: they come packed, straight from qweight (encode_q4_1)
+            layer, fold = model.read_layer(module, with_codes=False)
             if (layer.out_features, layer.in_features) != (out_f, in_f):
                 raise UnsupportedModelError(f"{module}: decoded shape {tuple(layer.codes.shape)} != header {out_f}x{in_f}")
-            blocks_, stats[module] = encode_q4_1(layer, perm)
+            check_q4_1_layer(layer)
+            blocks_, stats[module] = encode_q4_1(layer, perm, model.read_tensor(f"{module}.qweight").numpy())
             stats[module].fold_shift = fold.max_abs_shift
             return blocks_
 

@@ -73,6 +73,70 @@ def pack_q4_1(codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> np.ndarray:
     return blocks.reshape(rows, nb * Q4_1_BLOCK_BYTES)
 
 
+#: Code widths :func:`pack_q4_1_from_packed` takes (codes that divide a byte; 8 = one code a byte).
+PACKED_CODE_BITS = (2, 4, 8)
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_HIGH_NIBBLES = np.uint64(0xF0F0F0F0F0F0F0F0)
+#: (shift, mask) steps that spread the 16 2-bit fields of a uint32 into the 16 nibbles of a uint64.
+_SPREAD_2_TO_4 = ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0F0F0F0F0F0F),
+                  (2, 0x3333333333333333))
+
+
+def pack_q4_1_from_packed(packed: np.ndarray, bits: int, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_1 blocks from codes still packed ``8 / bits`` to a byte, with whole-word shuffles.
+
+    ``packed`` holds each 32-code block as ``32 * bits / 8`` bytes, code ``t`` in bits
+    ``[bits * t, bits * t + bits)`` of its little-endian byte stream (GPTQ's words of 2/4-bit codes
+    are such bytes). For 4-bit codes the block's first 8 bytes ``L`` (codes 0..15, two a byte) and
+    last 8 bytes ``H`` (codes 16..31) are two uint64, and ``qs[j] = q[j] | q[j + 16] << 4`` is
+    ``qs[2u] = byte u of (L & 0x0F..) | (H << 4 & 0xF0..)`` and ``qs[2u + 1] = byte u of
+    (L >> 4 & 0x0F..) | (H & 0xF0..)``: four 64-bit operations per half-block and a byte
+    interleave. 2-bit halves (uint32) are first spread to one code a nibble; one code a byte
+    (``bits=8``, 3-bit codes after unpacking) is ``low | high << 4``.
+
+    Args:
+        packed: uint8 ``[rows, nb, 4 * bits]``; bits: 2, 4 or 8 (values ``<= Q4_1_MAX_CODE``).
+        d, m: float16 ``[rows, nb]``.
+
+    Returns:
+        uint8 ``[rows, nb * 20]``, equal to :func:`pack_q4_1` of the unpacked codes.
+    """
+    if bits not in PACKED_CODE_BITS:
+        raise ValueError(f"packed codes must be {PACKED_CODE_BITS}-bit, got {bits}")
+    rows, nb, nbytes = packed.shape
+    if nbytes != QK4_1 * bits // 8 or d.shape != (rows, nb) or m.shape != (rows, nb):
+        raise ValueError(f"packed {packed.shape}, d {d.shape}, m {m.shape}: expected [{rows}, {nb}, "
+                         f"{QK4_1 * bits // 8}] and [{rows}, {nb}]")
+    blocks = np.empty((rows, nb, Q4_1_BLOCK_BYTES), dtype=np.uint8)
+    words = blocks.view("<u4")  # [rows, nb, 5]: d | m << 16, then qs as four little-endian words
+    words[..., 0] = (np.asarray(d, dtype="<f2").view("<u2").astype(np.uint32)
+                     | np.asarray(m, dtype="<f2").view("<u2").astype(np.uint32) << np.uint32(16))
+    words[..., 1:] = _q4_1_qs(np.ascontiguousarray(packed), bits).view("<u4")
+    return blocks.reshape(rows, nb * Q4_1_BLOCK_BYTES)
+
+
+def _q4_1_qs(packed: np.ndarray, bits: int) -> np.ndarray:
+    """The ``qs`` bytes uint8 ``[rows, nb, 16]`` of :func:`pack_q4_1_from_packed`."""
+    rows, nb, _ = packed.shape
+    if bits == 8:
+        return packed[..., :Q4_1_HALF] | (packed[..., Q4_1_HALF:] << np.uint8(NIBBLE_SHIFT))
+    if bits == 4:
+        halves = packed.view("<u8")  # [rows, nb, 2]: L, H
+        low, high = halves[..., 0], halves[..., 1]
+    else:  # 2-bit: each half is a uint32 of 16 fields; spread them to 16 nibbles
+        halves = packed.view("<u4").astype(np.uint64)
+        for shift, mask in _SPREAD_2_TO_4:
+            halves = (halves | (halves << np.uint64(shift))) & np.uint64(mask)
+        low, high = halves[..., 0], halves[..., 1]
+    shift = np.uint64(NIBBLE_SHIFT)
+    even = (low & _LOW_NIBBLES) | ((high << shift) & _HIGH_NIBBLES)  # byte u: q[2u] | q[2u + 16] << 4
+    odd = ((low >> shift) & _LOW_NIBBLES) | (high & _HIGH_NIBBLES)  # byte u: q[2u + 1] | q[2u + 17] << 4
+    qs = np.empty((rows, nb, Q4_1_HALF // 2, 2), dtype=np.uint8)
+    qs[..., 0] = even.astype("<u8", copy=False).view(np.uint8).reshape(rows, nb, Q4_1_HALF // 2)
+    qs[..., 1] = odd.astype("<u8", copy=False).view(np.uint8).reshape(rows, nb, Q4_1_HALF // 2)
+    return qs.reshape(rows, nb, Q4_1_HALF)
+
+
 def unpack_q4_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of :func:`pack_q4_1`: uint8 ``[rows, nb * 20]`` -> (codes ``[rows, nb*32]``, d, m)."""
     rows, nbytes = blocks.shape

@@ -277,11 +277,11 @@ def test_refuses_existing_output_without_overwrite(merged, tmp_path):
 def test_no_partial_file_when_a_layer_fails(merged, tmp_path, monkeypatch):
     calls = []
 
-    def failing(name):
+    def failing(name, **kwargs):
         calls.append(name)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return MergedModel.read_layer(merged, name)
+        return MergedModel.read_layer(merged, name, **kwargs)
 
     monkeypatch.setattr(merged, "read_layer", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
