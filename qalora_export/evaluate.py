@@ -70,7 +70,8 @@ def response_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    # No KV cache: nothing generates from it, and activation checkpointing refuses one.
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # [B, T, H]
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX  # [B, T-1]
     n_tokens = int(keep.sum())

@@ -13,16 +13,21 @@ What one call of :func:`train_adapter` does:
    differ), bf16 autocast on CUDA and float32 on CPU;
 4. held-out loss before and after; the adapter saved atomically in PEFT's layout with our
    metadata (pooling convention, pooling over the quantization groups, the base's fingerprint,
-   the training settings and the data file's sha256) and a ``training_log.jsonl``.
+   the training settings and the data file's sha256), a ``training_log.jsonl`` and a
+   ``loss_curve.png``;
+5. optionally: data-parallel over the processes of ``torchrun`` / ``accelerate launch``
+   (``train_distributed.py``: ``batch_size`` is the global batch, gradients all-reduced, rank 0
+   writes), gradient accumulation (``grad_accum`` micro-batches per rank), gradient
+   checkpointing, checkpoints every N steps with ``resume`` (``train_checkpoint.py``), a metrics
+   JSONL streamed while training and TensorBoard scalars (``train_metrics.py``).
 
 The pieces (:class:`BatchStream`, :func:`lr_lambda`, :func:`make_optimizer`, :func:`train_step`,
-:func:`adapter_from_model`) are separate so that a fuller trainer (checkpoints, resume,
-data-parallel) can reuse them.
+:func:`adapter_from_model`, ``train_distributed.data_parallel_step``) are separate so that
+benchmarks and other loops can reuse them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,18 +40,26 @@ import torch
 from torch import nn
 
 from .adapter import POOLINGS, AdapterLayer, QALoRAAdapter, save_adapter
-from .data import DatasetStats, TokenizedExample, build_dataset, collate, read_jsonl, split_held_out
-from .errors import CheckpointError, ConfigError, DataError, TrainingError
-from .evaluate import autocast_context, held_out_loss, response_loss
+from .data import IGNORE_INDEX
+from .errors import ConfigError, TrainingError
+from .evaluate import held_out_loss
 from .fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
 from .gptq_format import GPTQCheckpoint, zero_range
 from .io_utils import check_output_path
-from .train_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .model import TARGET_MODULES, build_model, qalora_modules
+from .model import TARGET_MODULES, build_model, check_supported, qalora_modules
 from .tokenizer_check import check_tokenizer_matches
+from .train_checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+# The data pieces live in train_data.py; imported here too, where callers have always found them.
+from .train_data import BatchStream, PreparedData, file_sha256, load_tokenizer, prepare_data  # noqa: F401
+from .train_distributed import (DistContext, accumulate_micro_batch, data_parallel_step,
+                                enable_gradient_checkpointing, finish_step, setup_distributed)
+from .train_metrics import LOSS_CURVE, MetricsLog, check_matplotlib, check_tensorboard, loss_curve_png
 
 TRAINING_LOG = "training_log.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
+# How a run executes, not what it computes: left out of the identity a --resume must match, so a
+# run may resume with another accumulation, checkpointing or checkpoint cadence (and world size).
+EXECUTION_FIELDS = ("checkpoint_every", "keep_checkpoints", "grad_accum", "gradient_checkpointing")
 
 
 @dataclass
@@ -55,11 +68,13 @@ class TrainConfig:
 
     Attributes:
         rank / alpha: adapter rank ``r`` and ``lora_alpha`` (scale ``alpha / r``).
-        steps: optimizer steps (each one batch of ``batch_size`` examples).
+        steps: optimizer steps (each one global batch of ``batch_size`` examples).
         lr: peak learning rate. QA-LoRA adapters see pooled group sums, one value per group, and
             short runs on small data need a larger rate than full LoRA recipes use; 1e-3 learns
             the fixture task in a few dozen steps.
-        batch_size: examples per step (the batch stream wraps around epochs, every batch full).
+        batch_size: examples per optimizer step, over all processes of a data-parallel run (the
+            global batch; the stream wraps around epochs, every batch full). Each of ``W``
+            processes takes ``batch_size / W`` of them (sizes differ by at most one).
         max_length: tokens per example; longer ones are dropped or truncated (``on_overlong``).
         seed: adapter initialisation, held-out split and batch order.
         held_out: fraction in [0, 1) or count of examples held out for the loss before/after
@@ -79,6 +94,12 @@ class TrainConfig:
         checkpoint_every: write a resumable checkpoint every this many steps (0: none); see
             :mod:`qalora_export.train_checkpoint`.
         keep_checkpoints: keep the newest this many checkpoints.
+        grad_accum: split each process's share of the batch into this many micro-batches, one
+            forward/backward each, gradients accumulated (``--grad-accum``): the same step as one
+            big batch, up to float summation order, with a micro-batch's activation memory.
+        gradient_checkpointing: recompute each decoder layer's activations in the backward
+            instead of keeping them (``--gradient-checkpointing``; same losses and gradients,
+            less memory, about one more forward of time).
     """
 
     rank: int = 16
@@ -100,6 +121,8 @@ class TrainConfig:
     integer_zeros: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the flag for any value out of range."""
@@ -110,11 +133,13 @@ class TrainConfig:
 
         if not isinstance(self.integer_zeros, bool):
             raise ConfigError(f"--integer-zeros must be a boolean, got {self.integer_zeros!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"--gradient-checkpointing must be a boolean, got {self.gradient_checkpointing!r}")
         for name in ("checkpoint_every", "keep_checkpoints"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
-        for name in ("rank", "steps", "batch_size", "max_length", "log_every"):
+        for name in ("rank", "steps", "batch_size", "max_length", "log_every", "grad_accum"):
             positive_int(name)
         for name, lo in (("alpha", None), ("lr", None), ("weight_decay", 0.0), ("grad_clip", 0.0)):
             value = getattr(self, name)
@@ -165,103 +190,9 @@ class TrainResult:
     train_examples: int = 0
     held_out_examples: int = 0
     seconds_per_step: float = 0.0
-
-
-# --------------------------------------------------------------------------------------- data
-
-
-class BatchStream:
-    """Batches of example indices from an endless, seeded stream of epoch permutations.
-
-    Epoch ``e`` is ``randperm(n)`` under seed ``(seed, e)``; the stream concatenates epochs, so
-    every batch is full even when ``n`` is not a multiple of the batch size (or smaller than it).
-    The position is two integers (:meth:`state_dict`), enough to resume a run exactly.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if n < 1:
-            raise DataError("no training examples to draw batches from")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=gen).tolist()
-
-    def next_batch(self) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.batch_size:
-            if self.position == self.n:
-                self.epoch, self.position = self.epoch + 1, 0
-                self._order = self._permutation(self.epoch)
-            take = min(self.batch_size - len(out), self.n - self.position)
-            out.extend(self._order[self.position:self.position + take])
-            self.position += take
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation(self.epoch)
-
-
-@dataclass
-class PreparedData:
-    """Tokenized train and held-out sets plus what tokenizing them counted."""
-
-    train: list[TokenizedExample]
-    held_out: list[TokenizedExample]
-    stats: dict
-    pad_token_id: int
-
-
-def load_tokenizer(base_dir: Path):
-    """The base checkpoint's tokenizer, with a pad id (its pad token, else its EOS)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    except Exception as exc:  # transformers raises OSError/ValueError/... for missing files
-        raise CheckpointError(
-            f"{base_dir}: cannot load the tokenizer ({exc}); the base directory needs the tokenizer "
-            f"files of the model it was quantized from (`qalora-export quantize` copies them)"
-        ) from exc
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise CheckpointError(f"{base_dir}: the tokenizer has neither a pad nor an EOS token to pad batches with")
-        tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss and no attention
-    return tokenizer
-
-
-def prepare_data(tokenizer, data_path: Path, config: TrainConfig) -> PreparedData:
-    """Read, split and tokenize; raise :class:`DataError` when nothing is left to train on."""
-    examples = read_jsonl(data_path)
-    if config.held_out:
-        train_records, held_records = split_held_out(examples, config.held_out, config.seed)
-    else:
-        train_records, held_records = list(examples), []
-    train, train_stats = build_dataset(tokenizer, train_records, config.max_length, config.on_overlong)
-    held, held_stats = build_dataset(tokenizer, held_records, config.max_length, config.on_overlong) \
-        if held_records else ([], DatasetStats())
-    if not train:
-        raise DataError(
-            f"{data_path}: no training example is left after tokenizing ({train_stats.dropped_overlong} longer "
-            f"than --max-length {config.max_length}, {train_stats.dropped_no_response} without a response "
-            f"token); raise --max-length or pass --on-overlong truncate"
-        )
-    stats = {"train": asdict(train_stats), "held_out": asdict(held_stats)}
-    return PreparedData(train, held, stats, int(tokenizer.pad_token_id))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    tokens_per_second: float = 0.0
+    world_size: int = 1
+    metrics_path: Optional[str] = None
 
 
 # --------------------------------------------------------------------------------------- optimisation
@@ -314,22 +245,18 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                scheduler, params: Sequence[nn.Parameter], config: TrainConfig,
                device: torch.device) -> tuple[float, int, float]:
-    """One optimizer step on one batch: (mean response-token loss, response tokens, grad norm)."""
+    """One single-process optimizer step on one collated batch (``collate``'s int64 ``[B, T]``
+    tensors): (mean response-token loss, response tokens, grad norm before clipping).
+
+    :func:`train_adapter` runs ``train_distributed.data_parallel_step`` instead, which is this
+    step split over ranks and micro-batches (and the same operations with one of each)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with autocast_context(device):
-        loss_sum, n_tokens = response_loss(model, **batch)
-    loss = loss_sum / max(n_tokens, 1)
-    value = float(loss.detach())
+    n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    value = float(accumulate_micro_batch(model, batch, n_tokens, torch.device(device)))
     if not math.isfinite(value):
         raise TrainingError(f"the training loss became {value}; lower --lr (now {config.lr:g}) or check the data")
-    loss.backward()
-    if config.grad_clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
-    else:
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    optimizer.step()
-    scheduler.step()
+    grad_norm = finish_step(optimizer, scheduler, params, config.grad_clip)
     return value, n_tokens, grad_norm
 
 
@@ -351,29 +278,48 @@ def adapter_from_model(model: nn.Module, ckpt: GPTQCheckpoint, config: TrainConf
 def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | str, config: TrainConfig,
                   overwrite: bool = False, progress: Optional[Callable[[int, float], None]] = None,
                   device: str = "cpu", resume: bool = False,
-                  checkpoint_dir: Optional[Path | str] = None) -> TrainResult:
+                  checkpoint_dir: Optional[Path | str] = None, *,
+                  on_step: Optional[Callable[[dict], None]] = None,
+                  metrics_path: Optional[Path | str] = None,
+                  tensorboard_dir: Optional[Path | str] = None,
+                  loss_curve: bool = True) -> TrainResult:
     """Train a QA-LoRA adapter on the GPTQ base ``base_dir`` and save it to ``out_dir``.
+
+    Runs as one process, or as one of ``W`` data-parallel processes when started by ``torchrun``
+    or ``accelerate launch`` (``train_distributed.py``): every process calls this with the same
+    arguments; ``config.batch_size`` is the global batch; rank 0 evaluates, writes and calls the
+    callbacks; the adapter is the one process's result up to float summation order.
 
     Args:
         base_dir: AutoGPTQ checkpoint directory (with tokenizer files).
         data_path: JSONL instruction data (``instruction``/``input``/``output`` or ``messages``).
         out_dir: adapter directory to create (refused if it exists, unless ``overwrite``).
         config: hyper-parameters; validated first.
-        progress: called after every step with (step, loss); nothing is printed.
-        device: "cpu" or "cuda[:n]" (bf16 autocast on CUDA).
+        progress: called after every step with (step, loss) on rank 0; nothing is printed.
+        device: "cpu" or "cuda" (bf16 autocast on CUDA; with several processes each takes
+            ``cuda:LOCAL_RANK``); "cuda:n" for one process.
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (a fresh run when there
             is none); refused when it was written with another base, data or config. The resumed
-            run reproduces the uninterrupted run's losses and adapter exactly.
+            run reproduces the uninterrupted run's losses and adapter exactly (same number of
+            processes and ``grad_accum``; others agree up to float summation order).
         checkpoint_dir: where ``config.checkpoint_every`` checkpoints go; default
             ``<out_dir>.checkpoints``.
+        on_step: called after every step on rank 0 with that step's metrics row (the keys of the
+            metrics JSONL, ``train_metrics.py``: step, loss, lr, tokens, response_tokens,
+            tokens_per_s, grad_norm, seconds) — what a progress bar shows.
+        metrics_path: stream one JSON row per logged step to this file while training (flushed,
+            survives a SIGKILL; ``train --metrics-file``, whose default is
+            ``train_metrics.default_metrics_path(out_dir)``); None writes none.
+        tensorboard_dir: also write TensorBoard scalars there (needs ``pip install tensorboard``).
+        loss_curve: draw ``loss_curve.png`` into the adapter directory (matplotlib).
 
     Returns:
-        a :class:`TrainResult`; the adapter directory holds PEFT's files, ``qalora_export.json``
-        and ``training_log.jsonl``.
+        a :class:`TrainResult` (the same losses on every rank); the adapter directory holds PEFT's
+        files, ``qalora_export.json``, ``training_log.jsonl`` and ``loss_curve.png``.
 
     Raises:
         ConfigError, DataError, CheckpointError, TrainingError, OutputExistsError — before
-        anything is written.
+        anything is written (a failed step or a failed write on one rank is raised on every rank).
 
     Example::
 
@@ -386,7 +332,12 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    ckpt = GPTQCheckpoint(base_dir)
+    if tensorboard_dir is not None:
+        check_tensorboard()
+    if loss_curve:
+        check_matplotlib()
+    ckpt = GPTQCheckpoint(base_dir)  # a float model is refused here: "not a GPTQ checkpoint"
+    check_supported(ckpt.model_config, base_dir)  # before tokenizing the data, not after
     if ckpt.config.group_size <= 0:
         raise ConfigError(
             f"{base_dir}: group_size={ckpt.config.group_size} (one quantization group per row) leaves QA-LoRA "
@@ -396,90 +347,176 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
     check_tokenizer_matches(ckpt)
     tokenizer = load_tokenizer(base_dir)
     data = prepare_data(tokenizer, data_path, config)
+    # Every process has read and checked the same inputs: the group opens only once none can fail.
+    ctx = setup_distributed(dev)
+    try:
+        if config.batch_size < ctx.world_size * config.grad_accum:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} is the global batch, too small for {ctx.world_size} process(es) "
+                f"x --grad-accum {config.grad_accum} micro-batches of at least one example; raise --batch-size to "
+                f"{ctx.world_size * config.grad_accum} or lower --grad-accum"
+            )
+        run = _Run(ctx, ckpt, data, config, base_dir, data_path, out_dir, overwrite)
+        return run.train(progress, on_step, resume, checkpoint_dir,
+                         Path(metrics_path) if metrics_path is not None else None,
+                         Path(tensorboard_dir) if tensorboard_dir is not None else None, loss_curve)
+    finally:
+        ctx.close()
 
-    int_range = zero_range(ckpt.config.bits, ckpt.config.checkpoint_format) if config.integer_zeros else None
-    model = build_model(ckpt, train_rank=config.rank, train_alpha=float(config.alpha), pooling=config.pooling,
-                        compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                        target_modules=tuple(config.target_modules), integer_zero_range=int_range)
-    if not qalora_modules(model):
-        raise ConfigError(f"{base_dir}: no quantized layer matches --target-modules {list(config.target_modules)}")
-    init_adapters(model, config.seed)
-    model.to(dev)
-    named = adapter_parameters(model)
-    params = [p for _, p in named]
-    optimizer = make_optimizer(params, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
-    stream = BatchStream(len(data.train), config.batch_size, config.seed)
 
-    eval_batch = max(config.batch_size, 8)
-    cache = dev.type == "cpu"  # a float copy of the base for the evaluation only; small next to training's peak
+class _Run:
+    """One training run's state (model, optimizer, data position, logs); see :func:`train_adapter`."""
 
-    def evaluate_held_out() -> Optional[float]:
-        return held_out_loss(model, data.held_out, data.pad_token_id, eval_batch, dev, cache) if data.held_out else None
+    def __init__(self, ctx: DistContext, ckpt: GPTQCheckpoint, data: PreparedData, config: TrainConfig,
+                 base_dir: Path, data_path: Path, out_dir: Path, overwrite: bool):
+        self.ctx, self.ckpt, self.data, self.config = ctx, ckpt, data, config
+        self.base_dir, self.data_path, self.out_dir, self.overwrite = base_dir, data_path, out_dir, overwrite
+        dev = ctx.device
+        self.int_range = zero_range(ckpt.config.bits, ckpt.config.checkpoint_format) if config.integer_zeros else None
+        self.model = build_model(ckpt, train_rank=config.rank, train_alpha=float(config.alpha), pooling=config.pooling,
+                                 compute_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                                 target_modules=tuple(config.target_modules), integer_zero_range=self.int_range)
+        if not qalora_modules(self.model):
+            raise ConfigError(f"{base_dir}: no quantized layer matches --target-modules {list(config.target_modules)}")
+        init_adapters(self.model, config.seed)  # the same seed on every rank: identical replicas
+        self.model.to(dev)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.named = adapter_parameters(self.model)
+        self.params = [p for _, p in self.named]
+        self.optimizer = make_optimizer(self.params, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.stream = BatchStream(len(data.train), config.batch_size, config.seed)
+        self.data_sha256 = file_sha256(data_path)
+        self.run_identity = {"config": json.loads(json.dumps(
+                                 {k: v for k, v in asdict(config).items() if k not in EXECUTION_FIELDS})),
+                             "base_fingerprint": ckpt.fingerprint(), "data_sha256": self.data_sha256}
+        self.losses: list[float] = []
+        self.log_rows: list[str] = []
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0  # training seconds of the run(s) this one resumes
 
-    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir.with_name(out_dir.name + ".checkpoints")
-    run_identity = {"config": json.loads(json.dumps(
-                        {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "keep_checkpoints")})),
-                    "base_fingerprint": ckpt.fingerprint(), "data_sha256": file_sha256(data_path)}
-    losses: list[float] = []
-    log_rows: list[str] = []
-    tokens_seen = 0
-    first_step = 1
-    latest = latest_checkpoint(ckpt_root) if resume else None
-    if latest is not None:
-        state = load_checkpoint(latest, named, optimizer, scheduler, run_identity)
-        stream.load_state_dict(state["stream"])
-        losses, log_rows, tokens_seen = list(state["losses"]), list(state["log_rows"]), int(state["tokens"])
-        before = state["held_out_loss_before"]
-        first_step = int(state["step"]) + 1
-    else:
-        before = evaluate_held_out()
+    def evaluate_held_out(self) -> Optional[float]:
+        if not self.data.held_out:
+            return None
+        dev = self.ctx.device
+        # A float copy of the base for the evaluation only (CPU), small next to training's peak.
+        return held_out_loss(self.model, self.data.held_out, self.data.pad_token_id,
+                             max(self.config.batch_size, 8), dev, dev.type == "cpu")
 
-    start = time.perf_counter()
-    for step in range(first_step, config.steps + 1):
-        lr = scheduler.get_last_lr()[0]
-        batch = collate([data.train[i] for i in stream.next_batch()], data.pad_token_id)
-        tokens_seen += int(batch["attention_mask"].sum())
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        loss, n_response, grad_norm = train_step(model, batch, optimizer, scheduler, params, config, dev)
-        losses.append(loss)
-        if step % config.log_every == 0 or step == config.steps:
-            log_rows.append(json.dumps({
-                "step": step, "loss": loss, "lr": lr, "tokens": tokens_seen, "response_tokens": n_response,
-                "grad_norm": grad_norm, "seconds": round(time.perf_counter() - start, 3)}))
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-            save_checkpoint(ckpt_root, step, named, optimizer, scheduler, {
-                "stream": stream.state_dict(), "losses": losses, "log_rows": log_rows, "tokens": tokens_seen,
-                "held_out_loss_before": before, **run_identity}, config.keep_checkpoints)
-        if progress is not None:
-            progress(step, loss)
-    seconds = time.perf_counter() - start
+    def train(self, progress, on_step, resume: bool, checkpoint_dir: Optional[Path | str],
+              metrics_path: Optional[Path], tensorboard_dir: Optional[Path], loss_curve: bool) -> TrainResult:
+        ctx, config = self.ctx, self.config
+        ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else \
+            self.out_dir.with_name(self.out_dir.name + ".checkpoints")
+        first_step = 1
+        latest = latest_checkpoint(ckpt_root) if resume else None
+        if latest is not None:
+            state = load_checkpoint(latest, self.named, self.optimizer, self.scheduler, self.run_identity)
+            self.stream.load_state_dict(state["stream"])
+            self.losses, self.log_rows = list(state["losses"]), list(state["log_rows"])
+            self.tokens_seen = int(state["tokens"])
+            self.elapsed_before = float(state.get("seconds", 0.0))
+            before = state["held_out_loss_before"]
+            first_step = int(state["step"]) + 1
+        else:
+            before = ctx.on_main(self.evaluate_held_out, "evaluating the held-out loss", share_float=True)
 
-    after = evaluate_held_out()
-    training = {
-        "steps": config.steps, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
-        "max_length": config.max_length, "schedule": config.schedule, "warmup_steps": config.warmup_steps,
-        "weight_decay": config.weight_decay, "grad_clip": config.grad_clip, "on_overlong": config.on_overlong,
-        "held_out": config.held_out, "data_file": data_path.name, "data_sha256": file_sha256(data_path),
-        "train_examples": len(data.train), "held_out_examples": len(data.held_out), "tokens": tokens_seen,
-        "train_loss_first": losses[0], "train_loss_last": losses[-1],
-        "held_out_loss_before": before, "held_out_loss_after": after, "device": dev.type,
-        "integer_zeros": config.integer_zeros,
-    }
-    extra: dict = {"training": training}
-    if int_range is not None:  # read back by fold.integer_zero_range (fold, merge, build_model)
-        extra.update({INTEGER_ZEROS_KEY: True, ZERO_RANGE_KEY: list(int_range),
-                      "zero_range_format": ckpt.config.checkpoint_format})
-    adapter = adapter_from_model(model, ckpt, config, extra=extra)
-    contiguous = all(m.contiguous_groups for m in qalora_modules(model).values())
-    save_adapter(adapter, out_dir, base_model_path=str(base_dir), overwrite=overwrite,
-                 contiguous_base=contiguous, extra_files={TRAINING_LOG: "\n".join(log_rows) + "\n"})
-    return TrainResult(
-        adapter_dir=str(out_dir), steps=config.steps, train_loss_first=losses[0], train_loss_last=losses[-1],
-        held_out_loss_before=before, held_out_loss_after=after, tokens=tokens_seen, seconds=seconds,
-        dataset_stats=data.stats, losses=losses, train_examples=len(data.train),
-        held_out_examples=len(data.held_out), seconds_per_step=seconds / max(1, config.steps - first_step + 1),
-    )
+        def open_log() -> MetricsLog:
+            log = MetricsLog(metrics_path, tensorboard_dir, self.log_rows, first_step)
+            if latest is None:
+                log.held_out(0, before)
+            return log
+
+        log = ctx.on_main(open_log, "opening the metrics file")
+
+        def evaluate_after() -> Optional[float]:
+            value = self.evaluate_held_out()
+            if log is not None:
+                log.held_out(config.steps, value)
+            return value
+
+        try:
+            seconds, tokens_run = self._loop(first_step, before, ckpt_root, log, progress, on_step)
+            after = ctx.on_main(evaluate_after, "evaluating the held-out loss", share_float=True)
+        finally:
+            if log is not None:
+                log.close()
+        ctx.on_main(lambda: self._save(before, after, loss_curve), f"saving the adapter to {self.out_dir}")
+        steps_run = max(1, config.steps - first_step + 1)
+        return TrainResult(
+            adapter_dir=str(self.out_dir), steps=config.steps, train_loss_first=self.losses[0],
+            train_loss_last=self.losses[-1], held_out_loss_before=before, held_out_loss_after=after,
+            tokens=self.tokens_seen, seconds=seconds, dataset_stats=self.data.stats, losses=self.losses,
+            train_examples=len(self.data.train), held_out_examples=len(self.data.held_out),
+            seconds_per_step=seconds / steps_run, tokens_per_second=tokens_run / seconds if seconds > 0 else 0.0,
+            world_size=ctx.world_size, metrics_path=str(metrics_path) if metrics_path is not None else None,
+        )
+
+    def _loop(self, first_step: int, before: Optional[float], ckpt_root: Path, log: Optional[MetricsLog],
+              progress, on_step) -> tuple[float, int]:
+        """Steps ``first_step..steps``; returns (seconds, tokens) of this process's share of the run."""
+        ctx, config, data = self.ctx, self.config, self.data
+
+        def bookkeeping(step: int, row: dict) -> None:  # rank 0, after every step
+            if step % config.log_every == 0 or step == config.steps:
+                self.log_rows.append(json.dumps(row))
+                if log is not None:
+                    log.write(row)
+            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                save_checkpoint(ckpt_root, step, self.named, self.optimizer, self.scheduler, {
+                    "stream": self.stream.state_dict(), "losses": self.losses, "log_rows": self.log_rows,
+                    "tokens": self.tokens_seen, "held_out_loss_before": before, "seconds": row["seconds"],
+                    **self.run_identity}, config.keep_checkpoints)
+            if progress is not None:
+                progress(step, row["loss"])
+            if on_step is not None:
+                on_step(row)
+
+        start = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        for step in range(first_step, config.steps + 1):
+            lr = self.scheduler.get_last_lr()[0]
+            t0 = time.perf_counter()
+            global_batch = [data.train[i] for i in self.stream.next_batch()]
+            stats = data_parallel_step(self.model, global_batch, data.pad_token_id, self.optimizer, self.scheduler,
+                                       self.params, config, ctx, step)
+            step_seconds = time.perf_counter() - t0
+            self.tokens_seen += stats.tokens
+            self.losses.append(stats.loss)
+            row = {"step": step, "loss": stats.loss, "lr": lr, "tokens": self.tokens_seen,
+                   "response_tokens": stats.response_tokens,
+                   "tokens_per_s": round(stats.tokens / step_seconds, 1) if step_seconds > 0 else 0.0,
+                   "grad_norm": stats.grad_norm,
+                   "seconds": round(self.elapsed_before + time.perf_counter() - start, 3)}
+            ctx.on_main(lambda: bookkeeping(step, row), f"logging or checkpointing step {step}")
+        return time.perf_counter() - start, self.tokens_seen - tokens_at_start
+
+    def _save(self, before: Optional[float], after: Optional[float], loss_curve: bool) -> None:
+        """Write the adapter directory (rank 0): factors, metadata, training log, loss curve."""
+        config, ckpt, data = self.config, self.ckpt, self.data
+        training = {
+            "steps": config.steps, "lr": config.lr, "seed": config.seed, "batch_size": config.batch_size,
+            "max_length": config.max_length, "schedule": config.schedule, "warmup_steps": config.warmup_steps,
+            "weight_decay": config.weight_decay, "grad_clip": config.grad_clip, "on_overlong": config.on_overlong,
+            "held_out": config.held_out, "data_file": self.data_path.name, "data_sha256": self.data_sha256,
+            "train_examples": len(data.train), "held_out_examples": len(data.held_out), "tokens": self.tokens_seen,
+            "train_loss_first": self.losses[0], "train_loss_last": self.losses[-1],
+            "held_out_loss_before": before, "held_out_loss_after": after, "device": self.ctx.device.type,
+            "integer_zeros": config.integer_zeros, "world_size": self.ctx.world_size,
+            "grad_accum": config.grad_accum, "gradient_checkpointing": config.gradient_checkpointing,
+        }
+        extra: dict = {"training": training}
+        if self.int_range is not None:  # read back by fold.integer_zero_range (fold, merge, build_model)
+            extra.update({INTEGER_ZEROS_KEY: True, ZERO_RANGE_KEY: list(self.int_range),
+                          "zero_range_format": ckpt.config.checkpoint_format})
+        adapter = adapter_from_model(self.model, ckpt, config, extra=extra)
+        contiguous = all(m.contiguous_groups for m in qalora_modules(self.model).values())
+        files: dict[str, str | bytes] = {TRAINING_LOG: "\n".join(self.log_rows) + "\n"}
+        if loss_curve:
+            files[LOSS_CURVE] = loss_curve_png(self.losses, before, after, title=f"QA-LoRA: {self.out_dir.name}")
+        save_adapter(adapter, self.out_dir, base_model_path=str(self.base_dir), overwrite=self.overwrite,
+                     contiguous_base=contiguous, extra_files=files)
 
 
 def iter_training_log(adapter_dir: Path | str) -> Iterator[dict]:
