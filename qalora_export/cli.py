@@ -89,26 +89,38 @@ def cmd_quantize(args) -> int:
 
 def cmd_train(args) -> int:
     from .train import TrainConfig, train_adapter
+    from .train_distributed import launcher_rank
+    from .train_metrics import default_metrics_path
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          max_length=args.max_length, seed=args.seed, held_out=args.held_out,
                          on_overlong=args.on_overlong, integer_zeros=args.integer_zeros,
-                         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints)
+                         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
     from tqdm import tqdm
 
-    bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False)
+    main_process = launcher_rank() == 0  # under torchrun / accelerate launch only rank 0 reports
+    bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False, disable=not main_process)
 
-    def progress(step: int, loss: float) -> None:
-        bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
-        bar.update(1)
+    def on_step(row: dict) -> None:
+        bar.set_postfix_str(f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s", refresh=False)
+        bar.update(row["step"] - bar.n)  # a resumed run starts past 0
 
+    metrics = args.metrics_file if args.metrics_file is not None else default_metrics_path(args.output)
     try:
         result = train_adapter(args.base, args.data, args.output, config, overwrite=args.overwrite,
-                               progress=progress, device=args.device, resume=args.resume)
+                               on_step=on_step, device=args.device, resume=args.resume, metrics_path=metrics,
+                               tensorboard_dir=args.tensorboard)
     finally:
         bar.close()
+    if not main_process:
+        return EXIT_OK
     summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
     _print_summary(f"trained QA-LoRA adapter -> {args.output}", summary)
+    for split, stats in result.dataset_stats.items():
+        if stats.get("dropped_overlong") or stats.get("truncated"):
+            _say(f"note: {split}: {stats.get('dropped_overlong', 0)} example(s) longer than --max-length "
+                 f"{args.max_length} dropped, {stats.get('truncated', 0)} truncated (--on-overlong {args.on_overlong})")
     return EXIT_OK
 
 
@@ -286,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("train", help="train a QA-LoRA adapter on a quantized base")
+    p = sub.add_parser("train", help="train a QA-LoRA adapter on a quantized base "
+                                     "(data-parallel under torchrun / accelerate launch)")
     p.add_argument("base", type=Path)
     p.add_argument("--data", type=Path, required=True, help="JSONL: instruction/input/output or chat messages")
     p.add_argument("-o", "--output", type=Path, required=True)
@@ -301,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-overlong", choices=("drop", "truncate"), default="drop",
                    help="what to do with examples longer than --max-length (always counted and reported)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (bf16 autocast); under torchrun each process takes cuda:LOCAL_RANK")
     p.add_argument("--checkpoint-every", type=int, default=0,
                    help="write a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position) "
                         "every N steps into <output>.checkpoints (0: none)")
@@ -311,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integer-zeros", action="store_true",
                    help="round the zero shift (straight-through) in training so the adapter folds into "
                         "integral, in-range GPTQ zeros (merge --to gptq --require-exact then succeeds)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each process's share of --batch-size (the global batch) into N micro-batches")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute decoder-layer activations in the backward pass (less memory, same result)")
+    p.add_argument("--metrics-file", type=Path, default=None,
+                   help="JSONL with one row per step, written while training (default <output>.metrics.jsonl)")
+    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                   help="also write TensorBoard scalars to DIR (needs `pip install tensorboard`)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
