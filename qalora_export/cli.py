@@ -117,10 +117,12 @@ def cmd_train(args) -> int:
         return EXIT_OK
     summary = {k: v for k, v in result.__dict__.items() if k != "losses"}
     _print_summary(f"trained QA-LoRA adapter -> {args.output}", summary)
-    for split, stats in result.dataset_stats.items():
-        if stats.get("dropped_overlong") or stats.get("truncated"):
-            _say(f"note: {split}: {stats.get('dropped_overlong', 0)} example(s) longer than --max-length "
-                 f"{args.max_length} dropped, {stats.get('truncated', 0)} truncated (--on-overlong {args.on_overlong})")
+    for split, stats in result.dataset_stats.items():  # never silently: what --max-length cost
+        dropped, truncated, empty = (stats.get(k, 0) for k in ("dropped_overlong", "truncated", "dropped_no_response"))
+        if dropped or truncated or empty:
+            _say(f"note: {split}: {dropped} example(s) longer than --max-length {args.max_length} dropped, "
+                 f"{truncated} truncated (--on-overlong {args.on_overlong})"
+                 + (f", {empty} dropped with no response token left" if empty else ""))
     return EXIT_OK
 
 
