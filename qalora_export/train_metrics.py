@@ -24,6 +24,7 @@ Only rank 0 of a data-parallel run writes any of these.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import io
 import json
@@ -35,6 +36,8 @@ from .errors import ConfigError, OutputWriteError
 from .io_utils import atomic_output_file
 
 LOSS_CURVE = "loss_curve.png"
+_FULL = {errno.ENOSPC: "the disk is full", errno.EFBIG: "the file size limit was reached (ulimit -f)",
+         errno.EDQUOT: "the disk quota is exceeded"}
 METRICS_SUFFIX = ".metrics.jsonl"
 
 
@@ -89,8 +92,11 @@ class MetricsLog:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=first_step if previous_rows else None)
 
     def _write_error(self, exc: OSError) -> OutputWriteError:
-        return OutputWriteError(exc.errno, f"cannot write the metrics file {self.path} ({exc.strerror or exc}); "
-                                           f"free space there or pass another --metrics-file")
+        reason = _FULL.get(exc.errno, exc.strerror or str(exc))
+        return OutputWriteError(
+            exc.errno, f"cannot write the metrics file {self.path}: {reason}; training stopped and nothing was "
+                       f"written to the output (the rows logged so far stay in the file). Free space there, or "
+                       f"pass another --metrics-file")
 
     def write(self, row: dict) -> None:
         """Append one logged step's row (flushed) and its TensorBoard scalars."""
