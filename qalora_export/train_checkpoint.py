@@ -12,14 +12,19 @@ unpickled on resume):
   before training, and what the run depends on (config, base fingerprint, data sha256) so that a
   resume against anything else is refused.
 
-Only the newest ``keep`` checkpoints are kept.
+Only the newest ``keep`` checkpoints are kept; older ones are renamed away before they are
+deleted, and the hidden temporaries of killed runs are removed at the next save. ``train`` writes
+a checkpoint only after every rank finished the step (rank 0 writes; the others wait), and a
+resume reads the newest complete one, so a SIGKILL at any moment costs at most the steps since it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,12 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ConfigError
-from .io_utils import atomic_output_dir
+from .io_utils import _temp_prefix, atomic_output_dir, remove_stale_siblings
 
 CHECKPOINT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+_LEFTOVER = re.compile(r"^\.(step-\d{6,})\.")
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -64,8 +70,30 @@ def save_checkpoint(root: Path, step: int, named_params: list, optimizer: torch.
         save_file(tensors, str(tmp / TENSORS))
         (tmp / STATE).write_text(json.dumps(full) + "\n")
     for old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_checkpoint(old)
+    _remove_leftovers(root)
     return path
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a kill during the deletion never leaves a half-deleted ``step-N``
+    that still looks complete (its ``state.json`` present, its tensors gone)."""
+    trash = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".old", dir=path.parent))
+    try:
+        os.rename(path, trash / path.name)
+    except OSError:
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Hidden temporaries of killed runs (a checkpoint being written, one being deleted): removed
+    once their process is gone, whatever step they belonged to."""
+    for entry in root.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match is not None:
+            remove_stale_siblings(root / match.group(1))
 
 
 def load_checkpoint(path: Path, named_params: list, optimizer: torch.optim.Optimizer, scheduler,
