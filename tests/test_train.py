@@ -5,6 +5,10 @@ reversed) written into a JSONL file by the test. Checked: the loss goes down, no
 adapter factors moves, a seed reproduces the adapter bit for bit, the saved directory is a
 loadable PEFT-layout adapter with our metadata and log, bad data is a DataError with nothing
 written, and an adapter trained on an act-order base folds into its zero-points exactly.
+Bad input the trainer must refuse before training (issue 3): empty or malformed JSONL lines (their
+line number in the error), examples longer than ``--max-length`` (counted, never silently cut), a
+base that is not a GPTQ checkpoint, an unsupported architecture; resume refusals are in
+``test_train_resume.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import hashlib
 import json
 import math
 import random
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +27,7 @@ import torch
 import tiny_models
 from qalora_export.adapter import load_adapter
 from qalora_export.data import collate
-from qalora_export.errors import ConfigError, DataError, OutputExistsError
+from qalora_export.errors import CheckpointError, ConfigError, DataError, OutputExistsError, UnsupportedModelError
 from qalora_export.evaluate import held_out_loss
 from qalora_export.fold import effective_weight, fold_into_zero_points
 from qalora_export.gptq_format import GPTQCheckpoint
@@ -238,6 +244,54 @@ def test_malformed_data_is_a_data_error_and_writes_nothing(base, tmp_path):
     missing_field = write_jsonl(tmp_path / "nooutput.jsonl", [{"instruction": "w10"}] * 10)
     with pytest.raises(DataError, match="output"):
         train_adapter(base, missing_field, tmp_path / "out", TrainConfig(steps=2, **FAST))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line, text, fragment", [
+    (3, "", "blank line between records"),
+    (4, "{}", "missing field 'instruction'"),
+    (2, '{"instruction": "w10", "output": ""}', "field 'output' is empty"),
+    (5, "[1, 2]", "expected a JSON object"),
+])
+def test_empty_and_malformed_lines_name_their_line(base, tmp_path, line, text, fragment):
+    lines = [json.dumps(r) for r in copy_task(12)]
+    lines[line - 1] = text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"bad\.jsonl:{line}: .*{re.escape(fragment)}"):
+        train_adapter(base, bad, tmp_path / "out", TrainConfig(steps=2, **FAST))
+    assert not (tmp_path / "out").exists()
+
+
+def test_overlong_examples_are_counted_not_silently_cut(base, tmp_path):
+    records = copy_task(24)
+    for r in records[:4]:  # longer than --max-length 32, the answer partly cut by truncation
+        r["instruction"] = " ".join(["w11"] * 24)
+    data = write_jsonl(tmp_path / "long.jsonl", records)
+    config = dict(FAST, held_out=0)
+    dropped = train_adapter(base, data, tmp_path / "drop", TrainConfig(steps=1, **config))
+    assert dropped.dataset_stats["train"]["dropped_overlong"] == 4 and dropped.train_examples == 20
+    cut = train_adapter(base, data, tmp_path / "cut", TrainConfig(steps=1, on_overlong="truncate", **config))
+    assert cut.dataset_stats["train"]["truncated"] == 4 and cut.train_examples == 24
+    recorded = json.loads((tmp_path / "cut" / "qalora_export.json").read_text())["training"]
+    assert recorded["on_overlong"] == "truncate" and recorded["max_length"] == 32
+
+
+def test_a_float_model_is_not_a_gptq_base(base, data_file, tmp_path):
+    float_dir = Path(str(base) + "-float")  # what make_tiny_base quantized
+    with pytest.raises(CheckpointError, match="is not a GPTQ checkpoint.*qalora-export quantize"):
+        train_adapter(float_dir, data_file, tmp_path / "out", TrainConfig(steps=2, **FAST))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_lists_what_is_supported(base, data_file, tmp_path):
+    other = tmp_path / "gpt2-base"
+    shutil.copytree(base, other)
+    config = json.loads((other / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError, match=r"model_type 'gpt2' is not supported; supported: llama, mistral, qwen2"):
+        train_adapter(other, data_file, tmp_path / "out", TrainConfig(steps=2, **FAST))
     assert not (tmp_path / "out").exists()
 
 
