@@ -27,7 +27,8 @@ import torch
 import tiny_models
 from qalora_export.adapter import load_adapter
 from qalora_export.data import collate
-from qalora_export.errors import CheckpointError, ConfigError, DataError, OutputExistsError, UnsupportedModelError
+from qalora_export.errors import (CheckpointError, ConfigError, DataError, OutputExistsError, TrainingError,
+                                  UnsupportedModelError)
 from qalora_export.evaluate import held_out_loss
 from qalora_export.fold import effective_weight, fold_into_zero_points
 from qalora_export.gptq_format import GPTQCheckpoint
@@ -311,6 +312,13 @@ def test_bad_config_is_refused_before_training(base, data_file, tmp_path, field,
     config = TrainConfig(**{**FAST, field: value})
     with pytest.raises(ConfigError, match=flag):
         train_adapter(base, data_file, tmp_path / "out", config)
+
+
+def test_a_diverging_loss_is_a_training_error_and_writes_nothing(base, data_file, tmp_path):
+    config = TrainConfig(steps=6, **{**FAST, "lr": 1e30, "warmup_steps": 0})  # factors overflow to inf, loss NaN
+    with pytest.raises(TrainingError, match=r"the training loss became nan; lower --lr \(now 1e\+30\)"):
+        train_adapter(base, data_file, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_refused_before_training(base, data_file, tmp_path):

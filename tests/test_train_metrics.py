@@ -3,6 +3,7 @@ loss-curve PNG in the adapter, and the CLI's progress/notes (train_metrics.py, c
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 import sys
@@ -14,9 +15,9 @@ import torch
 
 import tiny_models
 from qalora_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from qalora_export.errors import ConfigError
+from qalora_export.errors import ConfigError, OutputWriteError
 from qalora_export.train import TrainConfig, iter_training_log, train_adapter
-from qalora_export.train_metrics import LOSS_CURVE, default_metrics_path
+from qalora_export.train_metrics import LOSS_CURVE, MetricsLog, default_metrics_path
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 
 ROW_KEYS = {"step", "loss", "lr", "tokens", "response_tokens", "tokens_per_s", "grad_norm", "seconds"}
@@ -106,6 +107,22 @@ def test_metrics_rows_reach_the_disk_as_steps_end(base, data_file, tmp_path):
     assert on_disk == [1, 2, 3, 4]
     assert '"stale"' not in metrics.read_text()
     assert not (tmp_path / "a" / LOSS_CURVE).exists()
+
+
+def test_a_failed_metrics_write_says_why(tmp_path):
+    class FullDisk:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    log = MetricsLog(tmp_path / "m.jsonl", None)
+    log._file.close()
+    log._file = FullDisk()  # the next row does not fit
+    with pytest.raises(OutputWriteError, match=r"m\.jsonl: the disk is full; training stopped and nothing was written"):
+        log.write({"step": 1, "loss": 1.0})
+    log.close()
 
 
 def test_tensorboard_missing_is_a_config_error_naming_pip(base, data_file, tmp_path, monkeypatch):
