@@ -80,7 +80,7 @@ def cmd_quantize(args) -> int:
                                  overwrite=args.overwrite, progress=bar, method=args.method,
                                  act_order=args.act_order, calibration=calibration,
                                  n_samples=args.calibration_samples, seq_len=args.calibration_seq_len,
-                                 damp=args.damp)
+                                 damp=args.damp, device=args.device, calibration_dtype=args.calibration_dtype)
     finally:
         bar.close()
     _print_summary(f"quantized {args.model} -> {args.output} in {time.time() - t0:.1f}s", summary.__dict__)
@@ -297,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration windows")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="gptq: tokens per calibration window")
     p.add_argument("--damp", type=float, default=0.01, help="gptq: damping, fraction of the Hessian's mean diagonal")
+    p.add_argument("--device", default="cpu",
+                   help="gptq: cpu or cuda[:N]; holds the current decoder layer, the calibration activations and Hessians")
+    p.add_argument("--calibration-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="gptq: storage dtype of calibration activations between layers (default float32 on cpu, "
+                        "float16 on cuda)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)
 

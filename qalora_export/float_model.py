@@ -33,6 +33,10 @@ class FloatSource:
     def read_tensor(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor ``name`` without reading its data."""
+        raise NotImplementedError
+
     def save_tokenizer(self, out_dir: Path) -> None:
         raise NotImplementedError
 
@@ -56,19 +60,25 @@ class SafetensorsSource(FloatSource):
         if not any(path.glob("*.safetensors")):
             raise CheckpointError(f"{path} has no .safetensors weights (pickled .bin checkpoints are not read; convert them)")
         self._files = _index_tensors(path)
-        self._handles: dict[Path, object] = {}
 
     def tensor_names(self) -> list[str]:
         return sorted(self._files)
 
     def read_tensor(self, name: str) -> torch.Tensor:
+        # A handle per read: a handle kept open keeps its mmap, and every page read through it
+        # stays in RSS until the end, growing to the model's size over a layer-by-layer pass.
+        return self._read(name, lambda f: f.get_tensor(name))
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._read(name, lambda f: f.get_slice(name).get_shape()))
+
+    def _read(self, name: str, get):
         from safetensors import safe_open
 
         path = self._files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
         try:
-            return self._handles[path].get_tensor(name)
+            with safe_open(str(path), framework="pt") as f:
+                return get(f)
         except Exception as exc:
             raise CheckpointError(f"{path}: tensor {name} cannot be read ({exc}); the file is truncated or corrupt") from exc
 
@@ -105,6 +115,9 @@ class GGUFSource(FloatSource):
 
     def read_tensor(self, name: str) -> torch.Tensor:
         return self._state[name]
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._state[name].shape)
 
     def save_tokenizer(self, out_dir: Path) -> None:
         self._tokenizer.save_pretrained(str(out_dir))

@@ -99,23 +99,24 @@ def gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, g
     if not 0 < damp < 1:
         raise ConfigError(f"--damp {damp} must be in (0, 1)")
     maxq = (1 << bits) - 1
-    W = weight.detach().to(torch.float64).clone()
+    device = H.device  # the solve runs where the Hessian is (CPU or CUDA); the record is returned on CPU
+    W = weight.detach().to(device=device, dtype=torch.float64).clone()
     H = H.detach().to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order \
-        else torch.arange(in_features)
+        else torch.arange(in_features, device=device)
     W = W[:, perm]
     H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, dtype=torch.float64)
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, dtype=torch.float64, device=device)
     L = torch.linalg.cholesky(H)
     U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of H^-1
 
     n_groups = in_features // group_size
     Q = torch.zeros_like(W)
-    scales = torch.empty(n_groups, out_features, dtype=torch.float64)
-    zeros = torch.empty(n_groups, out_features, dtype=torch.float64)
+    scales = torch.empty(n_groups, out_features, dtype=torch.float64, device=device)
+    zeros = torch.empty(n_groups, out_features, dtype=torch.float64, device=device)
     block = max(group_size, (block_size // group_size) * group_size)  # groups never straddle blocks
     for b0 in range(0, in_features, block):
         b1 = min(b0 + block, in_features)
@@ -138,11 +139,11 @@ def gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, g
 
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
-    g_idx = torch.empty(in_features, dtype=torch.int64)
-    g_idx[perm] = torch.arange(in_features) // group_size
-    return QuantizedLinear(name=name, bits=bits, group_size=group_size, codes=codes.to(torch.uint8),
-                           scales=scales.to(torch.float32), zeros=zeros, g_idx=g_idx,
-                           bias=None if bias is None else bias.detach().to(torch.float32))
+    g_idx = torch.empty(in_features, dtype=torch.int64, device=device)
+    g_idx[perm] = torch.arange(in_features, device=device) // group_size
+    return QuantizedLinear(name=name, bits=bits, group_size=group_size, codes=codes.to(torch.uint8).cpu(),
+                           scales=scales.to(torch.float32).cpu(), zeros=zeros.cpu(), g_idx=g_idx.cpu(),
+                           bias=None if bias is None else bias.detach().to(torch.float32).cpu())
 
 
 def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int) -> torch.Tensor:
@@ -156,72 +157,3 @@ def calibration_batch(tokenizer, text: str, n_samples: int, seq_len: int) -> tor
             f"{seq_len}; give a longer --calibration-file or a shorter window"
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
-
-
-class _Captured(Exception):
-    pass
-
-
-@torch.no_grad()
-def gptq_quantize_decoder(model: torch.nn.Module, input_ids: torch.Tensor, bits: int, group_size: int,
-                          act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
-                          progress=None) -> dict[str, QuantizedLinear]:
-    """GPTQ every ``*_proj`` linear of a LLaMA-family ``model``, decoder layer by decoder layer.
-
-    The inputs of layer 0 are captured once; for each layer, the Hessians of its 7 projections
-    are accumulated in one forward over the calibration batch, the projections quantized, their
-    weights replaced by the dequantized ones, and the layer re-run so that the next layer sees the
-    quantized layer's outputs (as in the GPTQ reference). Modifies ``model`` in place.
-
-    Returns:
-        ``{module path: QuantizedLinear}``.
-    """
-    layers = model.model.layers
-    captured: dict = {}
-
-    def catch(module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Captured:
-        pass
-    finally:
-        handle.remove()
-    hidden, kwargs = captured["hidden"], captured["kwargs"]
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    out: dict[str, QuantizedLinear] = {}
-    for index, layer in enumerate(layers):
-        linears = {n: m for n, m in layer.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1].endswith("_proj")}
-        hessians: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-
-        def accumulate(name):
-            def hook(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-                hessians[name] = hessians.get(name, 0) + 2.0 * (x.T @ x)
-                counts[name] = counts.get(name, 0) + x.shape[0]
-            return hook
-
-        handles = [m.register_forward_pre_hook(accumulate(n)) for n, m in linears.items()]
-        try:
-            layer(hidden, **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        for n, m in linears.items():
-            full = f"model.layers.{index}.{n}"
-            if progress:
-                progress(full)
-            q = gptq_quantize(full, m.weight, hessians[n] / counts[n], bits, group_size, act_order, damp,
-                              min_zero, bias=m.bias)
-            m.weight.copy_(q.dequantize(m.weight.dtype))
-            out[full] = q
-        result = layer(hidden, **kwargs)
-        hidden = result[0] if isinstance(result, tuple) else result
-    return out

@@ -1,6 +1,10 @@
 """``quantize``: a float model to an AutoGPTQ checkpoint, layer by layer: min-max RTN
 (``method="rtn"``) or Hessian-based GPTQ with calibration text (``method="gptq"``,
-:mod:`qalora_export.gptq_quant`; optional act-order).
+:mod:`qalora_export.gptq_quant`; optional act-order), run one decoder layer at a time
+(:mod:`qalora_export.gptq_layerwise`) on CPU or CUDA.
+
+Each quantized layer is written to the checkpoint as soon as it is done, so neither method holds
+the model: RTN holds one tensor, GPTQ one decoder layer plus the calibration activations.
 
 Every ``*_proj`` linear inside the decoder layers is quantized; embeddings, norms and the lm head
 stay float (stored as fp16, as GPTQ checkpoints do).
@@ -15,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedModelError
 from .float_model import open_float_model
 from .gptq_format import CHECKPOINT_FORMATS, CheckpointWriter, GPTQConfig, encode_layer, write_configs, zero_range
 from .io_utils import atomic_output_dir
@@ -42,7 +46,8 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
                    progress: Optional[Callable[[str], None]] = None,
                    max_shard_bytes: int = 2 * 1024**3, method: str = "rtn", act_order: bool = False,
                    calibration: Optional[str] = None, n_samples: int = 128, seq_len: int = 512,
-                   damp: float = 0.01) -> QuantizeSummary:
+                   damp: float = 0.01, device: str = "cpu",
+                   calibration_dtype: Optional[str] = None) -> QuantizeSummary:
     """Quantize ``model_path`` (HF directory or GGUF) into the GPTQ checkpoint ``out_dir``.
 
     Args:
@@ -56,11 +61,18 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
             (:func:`qalora_export.gptq_quant.calibration_text`), offline.
         n_samples / seq_len: GPTQ calibration windows (consecutive token windows of the text).
         damp: GPTQ damping, a fraction of the Hessian's mean diagonal.
+        device: GPTQ only: "cpu" or "cuda[:n]", where the current decoder layer, the calibration
+            activations and the Hessians live.
+        calibration_dtype: GPTQ only: storage dtype of the calibration activations between layers,
+            "float32" (CPU default), "float16" (CUDA default) or "bfloat16".
     """
     if method not in ("rtn", "gptq"):
         raise ConfigError(f"--method {method!r}: choose rtn or gptq")
     if method != "gptq" and (act_order or calibration is not None):
         raise ConfigError("--act-order and --calibration-file need --method gptq (RTN uses no data and no column order)")
+    if method != "gptq" and (device != "cpu" or calibration_dtype is not None):
+        raise ConfigError(f"--device {device} / --calibration-dtype {calibration_dtype} need --method gptq "
+                          f"(RTN streams tensor by tensor on the CPU)")
     for flag, value in (("--calibration-samples", n_samples), ("--calibration-seq-len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
@@ -69,39 +81,50 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
     if Path(out_dir).resolve() == Path(model_path).resolve():
         # --overwrite would replace the model being read: inputs are never modified.
         raise ConfigError(f"output {out_dir} is the input model itself; choose another output path")
+    if method == "gptq":  # fail on a bad flag before the source is opened
+        from .gptq_layerwise import resolve_activation_dtype, resolve_device
+
+        resolve_activation_dtype(calibration_dtype, resolve_device(device))
     source = open_float_model(model_path)
     check_supported(source.model_config, model_path)
     names = source.tensor_names()
     linear = [n for n in names if QUANTIZED_LINEAR.match(n)]
     if not linear:
         raise ConfigError(f"{model_path}: no decoder projection weights (model.layers.N.*_proj.weight) found")
+    for name in linear:  # before any work: a group size that does not divide a width
+        check_quant_args(name, int(source.tensor_shape(name)[1]), bits, group_size)
     config = GPTQConfig(bits=bits, group_size=group_size, desc_act=act_order, sym=False,
                         checkpoint_format=checkpoint_format)
     min_zero = zero_range(bits, checkpoint_format)[0]  # v1 cannot store a zero of 0
     errors = []
     with atomic_output_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        gptq_layers = _gptq_layers(source, tmp, linear, bits, group_size, act_order, calibration, n_samples,
-                                   seq_len, damp, min_zero, progress) if method == "gptq" else {}
         writer = CheckpointWriter(tmp, max_shard_bytes)
+
+        def write_layer(module: str, layer, weight: torch.Tensor) -> None:
+            w = weight.to(torch.float64)
+            errors.append(float((w - layer.dequantize()).norm() / w.norm().clamp_min(1e-30)))
+            for suffix, packed in encode_layer(layer, checkpoint_format).items():
+                writer.add_tensor(f"{module}.{suffix}", packed)
+
+        if method == "gptq":
+            _gptq_layers(source, tmp, linear, bits, group_size, act_order, calibration, n_samples, seq_len, damp,
+                         min_zero, device, calibration_dtype, write_layer, progress)
         for name in names:
-            tensor = source.read_tensor(name)
             if name in linear:
+                if method == "gptq":
+                    continue  # written by its decoder layer's turn above
                 module = name[: -len(".weight")]
                 bias_name = module + ".bias"
                 bias = source.read_tensor(bias_name) if bias_name in names else None
-                if method == "gptq":
-                    layer = gptq_layers.pop(module)
-                else:
-                    if progress:
-                        progress(module)
-                    layer = quantize_rtn(module, tensor, bits, group_size, bias=bias, min_zero=min_zero)
-                w = tensor.to(torch.float64)
-                errors.append(float((w - layer.dequantize()).norm() / w.norm().clamp_min(1e-30)))
-                for suffix, packed in encode_layer(layer, checkpoint_format).items():
-                    writer.add_tensor(f"{module}.{suffix}", packed)
+                if progress:
+                    progress(module)
+                tensor = source.read_tensor(name)
+                write_layer(module, quantize_rtn(module, tensor, bits, group_size, bias=bias, min_zero=min_zero),
+                            tensor)
             elif name.endswith(".bias") and name[: -len(".bias")] + ".weight" in linear:
                 continue  # written with its layer
             else:
+                tensor = source.read_tensor(name)
                 writer.add_tensor(name, tensor.to(torch.float16) if tensor.is_floating_point() else tensor)
         writer.finish()
         write_configs(tmp, source.model_config, config, {"quantizer_method": method})
@@ -115,24 +138,31 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
 
 def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: int, act_order: bool,
                  calibration: Optional[str], n_samples: int, seq_len: int, damp: float, min_zero: int,
-                 progress) -> dict:
-    """Run GPTQ over the float model (loaded once, float32) on calibration windows of the text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+                 device: str, calibration_dtype: Optional[str], write_layer, progress) -> None:
+    """Tokenize the calibration windows, then GPTQ decoder layer by decoder layer, each projection
+    handed to ``write_layer`` when done (:func:`qalora_export.gptq_layerwise.gptq_quantize_layerwise`)."""
+    from transformers import AutoTokenizer
 
-    from .gptq_quant import calibration_batch, calibration_text, gptq_quantize_decoder
-    from .model import hf_config_from
+    from .gptq_layerwise import gptq_quantize_layerwise
+    from .gptq_quant import calibration_batch, calibration_text
 
-    for name in linear:
-        check_quant_args(name, int(source.read_tensor(name).shape[1]), bits, group_size)
     source.save_tokenizer(tmp)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp))
     ids = calibration_batch(tokenizer, calibration if calibration is not None else calibration_text(),
                             n_samples, seq_len)
-    config = hf_config_from(source.model_config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {n: source.read_tensor(n).to(torch.float32) for n in source.tensor_names()}
-    model.load_state_dict(state, strict=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    model.eval()
-    return gptq_quantize_decoder(model, ids, bits, group_size, act_order, damp, min_zero, progress)
+    wanted = {name[: -len(".weight")] for name in linear}
+    done: set[str] = set()
+
+    def sink(module: str, layer, weight: torch.Tensor) -> None:
+        done.add(module)
+        write_layer(module, layer, weight)
+
+    gptq_quantize_layerwise(source, ids, bits, group_size, sink, act_order=act_order, damp=damp, min_zero=min_zero,
+                            quantize=wanted, device=device, activation_dtype=calibration_dtype, progress=progress)
+    if done != wanted:
+        missing = sorted(wanted - done)
+        raise UnsupportedModelError(
+            f"{source.path}: projection weights {missing[:3]} belong to no decoder layer of "
+            f"{source.model_config.get('model_type')} (num_hidden_layers="
+            f"{source.model_config.get('num_hidden_layers')}); the config and the weights disagree"
+        )
