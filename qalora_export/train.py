@@ -172,9 +172,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run did; ``losses`` holds every step's mean response-token loss.
+    """What a run did; ``losses`` holds every step's mean response-token loss (global batch).
 
-    Held-out losses are None when no held-out set was asked for (``held_out = 0``).
+    Held-out losses are None when no held-out set was asked for (``held_out = 0``). ``tokens``
+    counts the non-padding tokens of every step so far (all processes); ``seconds``,
+    ``seconds_per_step`` and ``tokens_per_second`` measure the steps this process ran (a resumed
+    run: only its own); ``world_size`` is the number of data-parallel processes; ``metrics_path``
+    the metrics JSONL written, if any. Every rank returns the same values.
     """
 
     adapter_dir: str

@@ -1,8 +1,10 @@
 """Data-parallel QA-LoRA training: one process per device under ``torchrun`` or ``accelerate launch``.
 
-The launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-:func:`setup_distributed` reads them and opens the process group (``env://``; gloo on CPU, nccl on
-CUDA, process ``r`` on ``cuda:LOCAL_RANK``). A group that already exists (a caller that created an
+The launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+(MPI launchers, which ``accelerate launch --cpu`` uses for several processes, set ``PMI_*`` or
+``OMPI_COMM_WORLD_*`` instead of the first three; they are read too); :func:`setup_distributed`
+reads them and opens the process group (``env://``; gloo on CPU, nccl on CUDA, process ``r`` on
+``cuda:LOCAL_RANK``). A group that already exists (a caller that created an
 ``accelerate.Accelerator`` or called ``init_process_group`` itself) is used as it is. Without a
 launcher, or with ``WORLD_SIZE=1``, there is one process and no group: the same code runs with
 every collective skipped, and a step is exactly the single-process loop's (same operations, same
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
     from .train import TrainConfig
 
 T = TypeVar("T")
-LAUNCHER_VARIABLES = ("RANK", "MASTER_ADDR", "MASTER_PORT")
 _MESSAGE_BYTES = 2048  # room for a failed rank-0 section's error message in the status broadcast
 
 
@@ -68,9 +69,23 @@ def _env_int(name: str, default: Optional[int]) -> Optional[int]:
     return value
 
 
+# torchrun (and ``accelerate launch --multi_gpu``, which runs it) set the first name of each tuple;
+# MPI launchers (``accelerate launch --cpu`` with several processes runs mpirun) set the others.
+WORLD_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first_env_int(names: Sequence[str], default: Optional[int]) -> Optional[int]:
+    for name in names:
+        if os.environ.get(name):
+            return _env_int(name, default)
+    return default
+
+
 def launcher_rank() -> int:
-    """This process's rank as the launcher set it (``RANK``; 0 without a launcher)."""
-    return _env_int("RANK", 0) or 0
+    """This process's rank as the launcher set it (``RANK``, or an MPI launcher's; 0 without one)."""
+    return _first_env_int(RANK_VARIABLES, 0) or 0
 
 
 @dataclass
@@ -159,7 +174,7 @@ def setup_distributed(device: str | torch.device) -> DistContext:
 
     dev = torch.device(device)
     existing = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if existing else (_env_int("WORLD_SIZE", 1) or 1)
+    world = dist.get_world_size() if existing else (_first_env_int(WORLD_VARIABLES, 1) or 1)
     if world <= 1:
         return DistContext(device=dev)
     if not dist.is_available():
@@ -167,14 +182,16 @@ def setup_distributed(device: str | torch.device) -> DistContext:
     if existing:
         rank = dist.get_rank()
     else:
-        missing = [name for name in LAUNCHER_VARIABLES if not os.environ.get(name)]
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if _first_env_int(RANK_VARIABLES, None) is None:
+            missing.insert(0, "RANK")
         if missing:
             raise ConfigError(
                 f"WORLD_SIZE={world} but {', '.join(missing)} not set; start several processes with "
                 f"`torchrun --nproc_per_node N` or `accelerate launch`, which set them (or unset WORLD_SIZE)"
             )
-        rank = _env_int("RANK", 0) or 0
-    local_rank = _env_int("LOCAL_RANK", rank) or 0
+        rank = _first_env_int(RANK_VARIABLES, 0) or 0
+    local_rank = _first_env_int(LOCAL_RANK_VARIABLES, rank) or 0
     if dev.type == "cuda":
         if dev.index is not None:
             raise ConfigError(

@@ -36,7 +36,8 @@ from qalora_export.errors import ConfigError, OutputWriteError, TrainingError
 from qalora_export.model import build_model
 from qalora_export.train import (TrainConfig, adapter_parameters, init_adapters, load_tokenizer, lr_lambda,
                                  make_optimizer, prepare_data, train_adapter, train_step)
-from qalora_export.train_distributed import enable_gradient_checkpointing, setup_distributed, shard_bounds
+from qalora_export.train_distributed import (enable_gradient_checkpointing, launcher_rank, setup_distributed,
+                                             shard_bounds)
 from test_train import GROUP_SIZE, copy_task, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +193,8 @@ def test_a_failure_on_one_rank_stops_every_rank_with_an_error(base, data_file, t
 
 def test_launcher_variables_are_checked(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ConfigError, match="torchrun --nproc_per_node"):
         setup_distributed("cpu")
@@ -201,6 +203,13 @@ def test_launcher_variables_are_checked(monkeypatch):
         setup_distributed("cpu")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert setup_distributed("cpu").world_size == 1
+    # an MPI launcher's variables (accelerate launch --cpu runs mpirun) count as a launcher too
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("PMI_RANK", "1")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set"):
+        setup_distributed("cpu")
+    assert launcher_rank() == 1
 
 
 def test_shares_cover_the_batch_once():
