@@ -100,6 +100,12 @@ def test_device_and_dtype_flags_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="--device"):
         quantize_model(float_dir, tmp_path / "b", 4, 16, method="gptq", calibration=text, n_samples=4, seq_len=16,
                        device="tpu")
+    with pytest.raises(ConfigError, match="runs on cpu or cuda"):
+        quantize_model(float_dir, tmp_path / "b", 4, 16, method="gptq", calibration=text, n_samples=4, seq_len=16,
+                       device="meta")
+    with pytest.raises(ConfigError, match="batch_tokens"):
+        gptq_layerwise.gptq_quantize_layerwise(open_float_model(float_dir), torch.zeros(1, 4, dtype=torch.int64), 4,
+                                               16, lambda *a: None, batch_tokens=0)
     with pytest.raises(ConfigError, match="need --method gptq"):
         quantize_model(float_dir, tmp_path / "c", 4, 16, device="cuda")
     if not torch.cuda.is_available():
@@ -107,6 +113,36 @@ def test_device_and_dtype_flags_are_checked(tmp_path):
             quantize_model(float_dir, tmp_path / "d", 4, 16, method="gptq", calibration=text, n_samples=4,
                            seq_len=16, device="cuda")
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
+
+
+def test_float_model_disagreeing_with_its_config_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qalora_export.errors import CheckpointError, UnsupportedModelError
+
+    text = random_text(4 * 16, 1)
+    kwargs = dict(bits=4, group_size=16, method="gptq", calibration=text, n_samples=4, seq_len=16)
+    missing = tiny_models.make_tiny_llama(tmp_path / "missing", layers=2)
+    state = load_file(missing / "model.safetensors")
+    del state["model.layers.1.post_attention_layernorm.weight"]
+    save_file(state, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="post_attention_layernorm.weight is missing from the float model"):
+        quantize_model(missing, tmp_path / "q1", **kwargs)
+
+    def edit_config(path: Path, **fields) -> None:
+        config = json.loads((path / "config.json").read_text())
+        config.update(fields)
+        (path / "config.json").write_text(json.dumps(config))
+
+    narrow = tiny_models.make_tiny_llama(tmp_path / "narrow", layers=1)
+    edit_config(narrow, intermediate_size=64)
+    with pytest.raises(CheckpointError, match="the config implies"):
+        quantize_model(narrow, tmp_path / "q2", **kwargs)
+    extra = tiny_models.make_tiny_llama(tmp_path / "extra", layers=2)
+    edit_config(extra, num_hidden_layers=1)
+    with pytest.raises(UnsupportedModelError, match="belong to no decoder layer"):
+        quantize_model(extra, tmp_path / "q3", **kwargs)
+    assert not any((tmp_path / f"q{i}").exists() for i in (1, 2, 3))
 
 
 LAUNCHER = r"""
