@@ -19,7 +19,6 @@ reference the artifact must equal (the exact fold, or the declared rounding of i
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_
                                        GPTQConfig, encode_layer, encode_zero_points, write_checkpoint,
                                        write_configs, zero_range)
 from qalora_export.io_utils import atomic_output_dir
-from qalora_export.merged import MergedModel
+from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.safetensors_stream import TensorSpec
 
@@ -196,18 +195,6 @@ OUTPUT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.
 def _in_features(model: MergedModel, name: str) -> int:
     _, shape = model.base.tensor_spec(f"{name}.qweight")
     return shape[0] * WORD_BITS // model.bits
-
-
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    """Run torch on one thread inside: the merge's tensor ops are small ([G, out]) and I/O-bound, and
-    intra-op threads only contend (7x slower folds measured on 2 busy cores; docs/scale.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSpec]:

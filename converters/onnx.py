@@ -43,6 +43,7 @@ import torch
 
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_dir
+from qalora_export.merged import single_threaded_torch
 from qalora_export.quant import QuantizedLinear
 from qalora_export.tokenizer_check import check_tokenizer_matches
 
@@ -262,7 +263,7 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
 
     cfg = decoder_config(model.model_config)
     out = Path(out)
-    with atomic_output_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp, single_threaded_torch():
         external = ExternalData(tmp / DATA_FILE)
         try:
             proto = build_decoder(model.model_config, linear, lambda n: _tensor_np(model, n), external,

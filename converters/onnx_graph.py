@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import onnx
@@ -171,21 +171,33 @@ class ExternalData:
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
         array = np.ascontiguousarray(array)
+        return self.add_blocks(name, array.dtype, array.shape, [array])
+
+    def add_blocks(self, name: str, dtype, shape: tuple[int, ...], blocks: Iterable[np.ndarray]) -> TensorProto:
+        """Append a tensor of ``shape`` given as consecutive row blocks (C order), one block in
+        memory at a time; the bytes are those of the whole array."""
+        dtype = np.dtype(dtype)
         pad = (-self._offset) % EXTERNAL_ALIGN
         if pad:
             self._file.write(b"\0" * pad)
             self._offset += pad
-        data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else b""  # no copy of the bytes
-        self._file.write(data)
+        length = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dtype)
+            if block.size:
+                self._file.write(memoryview(block.reshape(-1).view(np.uint8)))  # no copy of the bytes
+                length += block.nbytes
+        if length != math.prod(shape) * dtype.itemsize:
+            raise RuntimeError(f"initializer {name}: its blocks hold {length} bytes, not those of {shape} {dtype}")
         tensor = TensorProto()
         tensor.name = name
-        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        tensor.dims.extend(array.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        tensor.dims.extend(shape)
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(len(data)))):
+        for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
-        self._offset += len(data)
+        self._offset += length
         return tensor
 
     def close(self) -> None:
@@ -212,6 +224,15 @@ class GraphBuilder:
             self.initializers.append(self.external.add(name, array))
         return name
 
+    def initializer_blocks(self, name: str, dtype, shape: tuple[int, ...],
+                           blocks: Callable[[], Iterable[np.ndarray]]) -> str:
+        """An initializer whose data comes as row blocks (``blocks()``); written to the external file
+        block by block unless small enough to inline."""
+        if math.prod(shape) * np.dtype(dtype).itemsize <= INLINE_LIMIT:
+            return self.initializer(name, np.concatenate([np.asarray(b, dtype=dtype) for b in blocks()]).reshape(shape))
+        self.initializers.append(self.external.add_blocks(name, dtype, shape, blocks()))
+        return name
+
     def const(self, values, dtype=np.int64) -> str:
         arr = np.asarray(values, dtype=dtype)
         key = (arr.dtype.str, arr.shape, arr.tobytes())
@@ -228,6 +249,20 @@ class GraphBuilder:
     def declare(self, name: str, elem_type: int, shape: list) -> None:
         """Declare an intermediate's type (shape inference does not know the contrib ops)."""
         self.value_infos.append(helper.make_tensor_value_info(name, elem_type, shape))
+
+
+#: Bytes of one row block of a float weight written transposed (the lm head: 0.5 GB in fp32 at 7B).
+FLOAT_BLOCK_BYTES = 32 << 20
+
+
+def transposed_row_blocks(weight: np.ndarray, dtype) -> Iterator[np.ndarray]:
+    """``weight.T`` ``[in, out]`` in ``dtype``, as C-order blocks of whole rows of about
+    :data:`FLOAT_BLOCK_BYTES` each, so that the widened, transposed copy is never whole in memory."""
+    n_in, n_out = weight.shape[1], weight.shape[0]
+    rows = max(1, FLOAT_BLOCK_BYTES // max(1, n_out * np.dtype(dtype).itemsize))
+    for start in range(0, n_in, rows):
+        # one C-order copy in the io dtype (astype of the transposed view would keep Fortran order)
+        yield np.ascontiguousarray(weight[:, start:start + rows].T, dtype=dtype)
 
 
 def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: Callable[[str], np.ndarray],
@@ -299,9 +334,9 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
     def project(x: str, module: str, out_features: int) -> str:
         lin = linear(module)
         if isinstance(lin, FloatLinear):
-            # one C-order copy in the io dtype (astype of the transposed view would keep Fortran
-            # order and cost a second copy when written)
-            wt = gb.initializer(f"{module}.weight_t", np.ascontiguousarray(np.asarray(lin.weight).T, dtype=io_np))
+            w = np.asarray(lin.weight)
+            wt = gb.initializer_blocks(f"{module}.weight_t", io_np, w.shape[::-1],
+                                       lambda: transposed_row_blocks(w, io_np))
             y = gb.node("MatMul", [x, wt], f"/{module}/MatMul")
         else:
             if lin.perm is not None:

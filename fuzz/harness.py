@@ -24,6 +24,7 @@ jsonl           a whole JSONL training-data file (``data.read_jsonl``)
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -128,7 +129,8 @@ def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
         layer, _ = model.read_layer(name)
         adapter_delta(adapter, name, layer.in_features)
         folded[name] = layer
-    return {"adapter": adapter, "folded": folded}
+    # load_adapter reads factors from the file on demand, and the workspace is reused: keep them
+    return {"adapter": dataclasses.replace(adapter, layers=dict(adapter.layers)), "folded": folded}
 
 
 def target_gguf(data: bytes, tpl: Path, ws: Workspace) -> dict:

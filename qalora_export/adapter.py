@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -74,7 +75,8 @@ class QALoRAAdapter:
     """A whole QA-LoRA adapter: per-module factors plus what is needed to interpret them.
 
     Attributes:
-        layers: module path (``model.layers.0.self_attn.q_proj``) to its factors.
+        layers: module path (``model.layers.0.self_attn.q_proj``) to its factors: a dict, or
+            an :class:`AdapterFactors` that reads them from the file one module at a time.
         rank: ``r``.
         alpha: ``lora_alpha``; the adapter's scale is ``alpha / rank``.
         pooling: the convention that trained it (see the module docstring).
@@ -85,7 +87,7 @@ class QALoRAAdapter:
         target_modules: the projection names it adapts (``q_proj``, ...).
     """
 
-    layers: dict[str, AdapterLayer]
+    layers: Mapping[str, AdapterLayer]
     rank: int
     alpha: float
     pooling: Pooling
@@ -295,46 +297,106 @@ def load_adapter(adapter_dir: Path, pooling: Optional[str] = None) -> QALoRAAdap
     )
 
 
-def _read_layers(weights_path: Path, rank: int) -> dict[str, AdapterLayer]:
+def _open_weights(weights_path: Path):
     try:
-        handle = safe_open(str(weights_path), framework="pt")
+        return safe_open(str(weights_path), framework="pt")
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise AdapterError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    with handle as f:
+
+
+def _checked_tensor(f, key: str, weights_path: Path) -> torch.Tensor:
+    """Tensor ``key`` of an open adapter file, refused unless it is floating point and finite."""
+    try:
+        tensor = f.get_tensor(key)
+    except Exception as exc:
+        raise AdapterError(f"{weights_path}: tensor {key} cannot be read: {exc}") from exc
+    if not tensor.is_floating_point():
+        raise AdapterError(
+            f"{weights_path}: tensor {key} is {tensor.dtype}; LoRA factors are floating point (the file is "
+            f"corrupt or not an adapter)"
+        )
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(
+            f"{weights_path}: tensor {key} contains NaN or inf; the adapter is corrupt or "
+            f"its training diverged, and folding it would corrupt the model"
+        )
+    return tensor
+
+
+class AdapterFactors(MutableMapping[str, AdapterLayer]):
+    """An adapter file's factors by module, read one module at a time.
+
+    :func:`load_adapter` has checked the whole file (every tensor read once, checked and dropped),
+    so a malformed adapter is refused before anything is written. Each lookup then reads that
+    module's ``A`` and ``B`` again, with the same checks, and only the last module read is kept:
+    memory is one layer's factors, not the adapter's (0.43 GB at rank 16 for a 70B model).
+    Modules assigned (``factors[name] = AdapterLayer(...)``) are held in memory, as in a dict.
+    """
+
+    def __init__(self, weights_path: Path, keys: dict[str, tuple[str, str]]):
+        self.weights_path = weights_path
+        self._keys: dict[str, Optional[tuple[str, str]]] = dict(keys)  # module -> (A key, B key); None: assigned
+        self._assigned: dict[str, AdapterLayer] = {}
+        self._last: Optional[tuple[str, AdapterLayer]] = None
+
+    def __getitem__(self, module: str) -> AdapterLayer:
+        if module in self._assigned:
+            return self._assigned[module]
+        if self._last is not None and self._last[0] == module:
+            return self._last[1]
+        key_a, key_b = self._keys[module]
+        with _open_weights(self.weights_path) as f:
+            layer = AdapterLayer(_checked_tensor(f, key_a, self.weights_path),
+                                 _checked_tensor(f, key_b, self.weights_path))
+        self._last = (module, layer)
+        return layer
+
+    def __setitem__(self, module: str, layer: AdapterLayer) -> None:
+        self._assigned[module] = layer
+        self._keys.setdefault(module, None)
+
+    def __delitem__(self, module: str) -> None:
+        del self._keys[module]
+        self._assigned.pop(module, None)
+        if self._last is not None and self._last[0] == module:
+            self._last = None
+
+    def __contains__(self, module: object) -> bool:  # no read (the default would read the factors)
+        return module in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _read_layers(weights_path: Path, rank: int) -> AdapterFactors:
+    """Check every lora_A / lora_B tensor of the file (read one at a time, not kept) and return
+    the factors as a lazy mapping."""
+    found: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
+    with _open_weights(weights_path) as f:
         for key in f.keys():
             module, part = _split_key(key)
             if part is None:
                 continue
-            try:
-                tensor = f.get_tensor(key)
-            except Exception as exc:
-                raise AdapterError(f"{weights_path}: tensor {key} cannot be read: {exc}") from exc
-            if not tensor.is_floating_point():
-                raise AdapterError(
-                    f"{weights_path}: tensor {key} is {tensor.dtype}; LoRA factors are floating point (the file is "
-                    f"corrupt or not an adapter)"
-                )
-            if not torch.isfinite(tensor).all():
-                raise AdapterError(
-                    f"{weights_path}: tensor {key} contains NaN or inf; the adapter is corrupt or "
-                    f"its training diverged, and folding it would corrupt the model"
-                )
-            found.setdefault(module, {})[part] = tensor
+            tensor = _checked_tensor(f, key, weights_path)
+            found.setdefault(module, {})[part] = (key, tuple(tensor.shape))
+            del tensor
     if not found:
         raise AdapterError(f"{weights_path} holds no lora_A/lora_B tensors")
-    layers: dict[str, AdapterLayer] = {}
+    keys: dict[str, tuple[str, str]] = {}
     for module, parts in sorted(found.items()):
         if set(parts) != {"A", "B"}:
             raise AdapterError(f"{weights_path}: module {module} has lora_{''.join(parts)} but not both A and B")
-        a, b = parts["A"], parts["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != rank or b.shape[1] != rank:
+        (key_a, a_shape), (key_b, b_shape) = parts["A"], parts["B"]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != rank or b_shape[1] != rank:
             raise AdapterError(
-                f"{weights_path}: module {module} has lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)}; rank r={rank} needs A [r, L] and B [out, r]"
+                f"{weights_path}: module {module} has lora_A {a_shape} and lora_B "
+                f"{b_shape}; rank r={rank} needs A [r, L] and B [out, r]"
             )
-        layers[module] = AdapterLayer(lora_A=a, lora_B=b)
-    return layers
+        keys[module] = (key_a, key_b)
+    return AdapterFactors(weights_path, keys)
 
 
 def _target_modules(value, layers: dict[str, AdapterLayer]) -> list[str]:

@@ -316,8 +316,9 @@ class GPTQCheckpoint:
             self._handles[path] = handle
         return handle
 
-    def read_tensor(self, key: str) -> torch.Tensor:
-        """One tensor by its full name."""
+    def read_tensor(self, key: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """One tensor by its full name; with ``rows``, only that slice of its first axis (a row
+        block of an embedding table, without reading the rest)."""
         path = self.tensor_files.get(key)
         if path is None:
             raise CheckpointError(f"{self.directory}: tensor {key} is missing")
@@ -326,7 +327,7 @@ class GPTQCheckpoint:
             # touches counts in this process's RSS until the mapping goes, so a cached handle would
             # grow RSS to the size of the checkpoint. Closing it after one tensor keeps one tensor.
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(key)
+                return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
         except CheckpointError:
             raise
         except Exception as exc:

@@ -7,6 +7,7 @@ each converter decides, in its own module, whether its format holds them exactly
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -99,9 +100,22 @@ class MergedModel:
     def other_tensor_names(self) -> list[str]:
         return self.base.other_tensor_names()
 
-    def read_tensor(self, name: str) -> torch.Tensor:
-        return self.base.read_tensor(name)
+    def read_tensor(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        return self.base.read_tensor(name) if rows is None else self.base.read_tensor(name, rows)
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.base.directory
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Run torch on one thread inside: a merge's tensor ops are small (``[G, out]`` folds and zero
+    decoding) and between reads and writes, and intra-op threads only contend (7x slower folds
+    measured on 2 busy cores; docs/scale.md). Every converter's export runs inside it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

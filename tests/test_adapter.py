@@ -299,3 +299,54 @@ def test_load_does_not_modify_the_adapter_dir(tmp_path):
     load_adapter(out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert math.isclose(load_adapter(out).scale, 4.0)
+
+
+# ------------------------------------------------------------------------------- lazy factors
+
+
+def test_loaded_factors_are_read_one_module_at_a_time(tmp_path, monkeypatch):
+    """load_adapter checks every tensor once and keeps none; a lookup reads only that module's A
+    and B (kept until another module is read); assigned modules live in memory."""
+    import qalora_export.adapter as adapter_module
+
+    original = make_adapter()
+    reads = []
+    real = adapter_module._checked_tensor
+
+    def spy(f, key, path):
+        reads.append(key)
+        return real(f, key, path)
+
+    monkeypatch.setattr(adapter_module, "_checked_tensor", spy)
+    loaded = load_adapter(saved(tmp_path))
+    assert len(reads) == 4 and len(set(reads)) == 4  # the whole file checked once at load
+    reads.clear()
+    assert set(loaded.layers) == {Q, DOWN} and Q in loaded.layers and len(loaded.layers) == 2
+    assert reads == []  # names, membership and length come from the header
+    for _ in range(2):
+        assert torch.equal(loaded.layers[Q].lora_A, original.layers[Q].lora_A)
+        assert torch.equal(loaded.layers[Q].lora_B, original.layers[Q].lora_B)
+    assert sorted(reads) == sorted([f"base_model.model.{Q}.lora_A.weight", f"base_model.model.{Q}.lora_B.weight"])
+    reads.clear()
+    assert torch.equal(loaded.layers[DOWN].lora_B, original.layers[DOWN].lora_B) and len(reads) == 2
+    replacement = AdapterLayer(torch.ones(4, 2), torch.ones(64, 4))
+    loaded.layers[Q] = replacement
+    assert loaded.layers[Q] is replacement and len(reads) == 2
+    del loaded.layers[DOWN]
+    assert list(loaded.layers) == [Q]
+
+
+def test_factors_damaged_after_loading_are_refused_when_read(tmp_path):
+    """The lazy read checks each tensor again: a file changed under a loaded adapter to hold NaN
+    is refused with the load-time message, not folded."""
+    directory = saved(tmp_path)
+    loaded = load_adapter(directory)
+
+    def poison(tensors):
+        for key in tensors:
+            if key.endswith("lora_B.weight"):
+                tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+    rewrite_weights(directory, poison)
+    with pytest.raises(AdapterError, match="contains NaN or inf"):
+        loaded.layers[DOWN]

@@ -53,3 +53,42 @@ def test_streamed_external_data_is_byte_identical(tmp_path, monkeypatch):
         assert files == sorted(p.name for p in (tmp_path / old).iterdir())
         for name in files:
             assert (tmp_path / new / name).read_bytes() == (tmp_path / old / name).read_bytes(), f"{new}/{name}"
+
+
+def test_float_weight_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
+    """The untied lm head (a float MatMul on the transposed, widened table) is written in row
+    blocks; with blocks of a few rows (uneven last block) the files equal the one-copy original."""
+    base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
+    adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4)
+    model = MergedModel.open(base, adapter)
+    hidden = model.model_config["hidden_size"]
+    vocab = model.model_config["vocab_size"]
+    monkeypatch.setattr(onnx_graph, "FLOAT_BLOCK_BYTES", 3 * vocab * 4)  # 3 rows of weight_t a block
+    assert hidden % 3
+    onnx_converter.export(model, tmp_path / "blocks", zero_points="split")
+    onnx_converter.export_float_reference(model, tmp_path / "blocks-float")
+
+    def one_copy(weight, dtype):  # the original: the whole transposed table in one C-order copy
+        yield np.ascontiguousarray(np.asarray(weight).T, dtype=dtype)
+
+    monkeypatch.setattr(onnx_graph, "transposed_row_blocks", one_copy)
+    onnx_converter.export(model, tmp_path / "whole", zero_points="split")
+    onnx_converter.export_float_reference(model, tmp_path / "whole-float")
+    for new, old in (("blocks", "whole"), ("blocks-float", "whole-float")):
+        for name in sorted(p.name for p in (tmp_path / old).iterdir()):
+            assert (tmp_path / new / name).read_bytes() == (tmp_path / old / name).read_bytes(), f"{new}/{name}"
+
+
+def test_add_blocks_equals_add(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.standard_normal((7, 5)).astype(np.float32)
+    one = onnx_graph.ExternalData(tmp_path / "one.data")
+    t_one = one.add("w", array)
+    one.close()
+    blocks = onnx_graph.ExternalData(tmp_path / "blocks.data")
+    t_blocks = blocks.add_blocks("w", np.float32, (7, 5), [array[:3], array[3:3], array[3:]])
+    blocks.close()
+    assert (t_one.data_type, list(t_one.dims)) == (t_blocks.data_type, [7, 5])
+    assert [(e.key, e.value.replace("blocks", "one")) for e in t_blocks.external_data] == \
+        [(e.key, e.value) for e in t_one.external_data]
+    assert (tmp_path / "one.data").read_bytes() == (tmp_path / "blocks.data").read_bytes()

@@ -1,0 +1,45 @@
+"""GGUF float tables (token embedding, untied output) are written in row blocks, never whole.
+
+The export reads each table a row block at a time (``read_tensor(key, rows)``) and hands the
+writer a stand-in whose ``tofile`` writes the blocks in turn. With blocks of a few rows (an uneven
+last block) the file equals the original export, which read the table whole and converted it in
+one piece, for every embedding type (F16, F32 and the row-wise Q8_0), tied and untied.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import gguf_helpers
+import tiny_models
+from qalora_export.converters import gguf as G
+from qalora_export.merged import MergedModel
+
+
+@pytest.mark.parametrize("embeddings", ["f16", "f32", "q8_0"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_row_blocks_are_byte_identical_to_whole_tables(tmp_path, monkeypatch, embeddings, tied):
+    base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=tied)
+    model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
+    hidden, vocab = model.model_config["hidden_size"], model.model_config["vocab_size"]
+    monkeypatch.setattr(G, "FLOAT_BLOCK_BYTES", 7 * hidden * 2)  # 7 rows a block
+    assert vocab % 7
+    reads = []
+    real_read = MergedModel.read_tensor
+
+    def spy(self, name, rows=None):
+        reads.append((name, rows))
+        return real_read(self, name, rows)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(MergedModel, "read_tensor", spy)
+        G.export(model, tmp_path / "blocks.gguf", embeddings=embeddings)
+    assert all(rows is not None for name, rows in reads if name == "model.embed_tokens.weight")
+    assert sum(name == "model.embed_tokens.weight" for name, _ in reads) == -(-vocab // 7)
+
+    def whole(model, key, shape, ggml_type):  # the original: the table read and converted in one piece
+        yield G._float_array(model.read_tensor(key), ggml_type)
+
+    monkeypatch.setattr(G, "_float_row_blocks", whole)
+    G.export(model, tmp_path / "whole.gguf", embeddings=embeddings)
+    assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
