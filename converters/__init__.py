@@ -7,6 +7,10 @@ Each converter module exposes:
   atomically and returns what it did (rounded zeros, refused constraints, sizes);
 - ``read_weights(path) -> Iterator[tuple[str, torch.Tensor]]``: decodes the artifact with the
   project's own reader into effective float64 ``[out, in]`` weights, for verify's weight level;
+- ``read_weight_rows(path) -> Iterator[tuple[str, WeightRows]]`` (optional): the same weights
+  decoded a row block at a time (``qalora_export.weight_rows``), which verify prefers;
+- ``declared_layer(model, name, meta) -> QuantizedLinear`` (optional): the record the artifact
+  declares it holds (the fold, rounded as its metadata says); default: the exact fold;
 - ``WEIGHT_TOLERANCE``: the weight-level tolerance next to the format's spec.
 
 Importing this package imports no runtime (onnxruntime, llama.cpp, GPTQModel).

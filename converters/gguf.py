@@ -31,6 +31,7 @@ from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.packing import WORD_BITS, unpack_codes
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.tokenizer_check import check_tokenizer_matches
+from qalora_export.weight_rows import WeightRows
 
 from . import gguf_spec as spec
 from .gguf_spec import WEIGHT_ATOL, WEIGHT_TOLERANCE  # noqa: F401  (part of the converter contract)
@@ -556,7 +557,18 @@ def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
         (transformers module name, float64 ``[out, in]`` weight), q/k rows un-permuted back to the
         transformers order. Q4_1 is decoded by :func:`gguf_spec.dequantize_q4_1`; F32/F16 are widened.
     """
-    from gguf import GGMLQuantizationType, quants
+    for name, rows in read_weight_rows(path):
+        yield name, rows.whole()
+
+
+def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
+    """:func:`read_weights` with each weight decoded on demand, a row block at a time (verify).
+
+    Every stored type keeps rows independent (Q4_1 and Q8_0 blocks run along a row), so a block of
+    rows decodes alone; the layout (types, shapes, the q/k permutation) is checked on the first
+    row before a tensor is yielded.
+    """
+    from gguf import GGMLQuantizationType
 
     reader = _open_reader(path)
     try:
@@ -572,26 +584,56 @@ def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
             module = "lm_head"
         if module is None:
             continue
+        heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
+        yield module, _tensor_rows(path, t, heads)
+
+
+def _tensor_rows(path: Path | str, t, heads: Optional[int]) -> WeightRows:
+    """A GGUF tensor's weight as row blocks; ``heads``: undo llama.cpp's q/k row permutation."""
+    def decode(rows) -> np.ndarray:  # rows: a slice or an index array of stored rows
         try:
-            data = np.asarray(t.data)
-            if t.tensor_type == GGMLQuantizationType.Q4_1:
-                w = spec.dequantize_q4_1(data)
-            elif t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                w = data.astype(np.float64)
-            else:
-                w = quants.dequantize(data, t.tensor_type).astype(np.float64)
-            heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
-            if heads is not None:
-                w = w[np.argsort(spec.qk_row_permutation(w.shape[0], heads))]
+            return _dequantize_rows(data[rows], t.tensor_type)
         except Exception as exc:  # shape/type inconsistencies of a corrupt file (ValueError, TypeError, ...)
-            raise CheckpointError(
-                f"{path}: tensor {t.name} ({getattr(t.tensor_type, 'name', t.tensor_type)}, shape "
-                f"{list(t.shape)}) cannot be decoded ({type(exc).__name__}: {exc}); the file is corrupt") from exc
-        if w.ndim != 2:
-            raise CheckpointError(f"{path}: tensor {t.name} is {w.ndim}-D, expected a 2-D weight; the file is corrupt")
+            raise _undecodable(path, t, exc) from exc
+
+    try:
+        data = np.asarray(t.data)
+    except Exception as exc:
+        raise _undecodable(path, t, exc) from exc
+    first = decode(slice(0, 1) if data.ndim else ())  # the layout, checked on one row
+    if first.ndim != 2:
+        raise CheckpointError(f"{path}: tensor {t.name} is {first.ndim}-D, expected a 2-D weight; the file is corrupt")
+    n_rows = data.shape[0]
+    order = None
+    if heads is not None:
+        try:
+            order = np.argsort(spec.qk_row_permutation(n_rows, heads))  # transformers row r = stored row order[r]
+        except ValueError as exc:
+            raise _undecodable(path, t, exc) from exc
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        w = decode(slice(start, stop) if order is None else order[start:stop])
         if not np.isfinite(w).all():
             raise CheckpointError(f"{path}: tensor {t.name} decodes to NaN or inf; the file is corrupt")
-        yield module, torch.from_numpy(np.ascontiguousarray(w))
+        return torch.from_numpy(np.ascontiguousarray(w))
+    return WeightRows((n_rows, int(first.shape[1])), rows)
+
+
+def _undecodable(path: Path | str, t, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: tensor {t.name} ({getattr(t.tensor_type, 'name', t.tensor_type)}, shape "
+        f"{list(t.shape)}) cannot be decoded ({type(exc).__name__}: {exc}); the file is corrupt")
+
+
+def _dequantize_rows(data: np.ndarray, tensor_type) -> np.ndarray:
+    """float64 rows of stored GGUF rows ``data`` (Q4_1 by our reader, floats widened, others by gguf-py)."""
+    from gguf import GGMLQuantizationType, quants
+
+    if tensor_type == GGMLQuantizationType.Q4_1:
+        return spec.dequantize_q4_1(data)
+    if tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return data.astype(np.float64)
+    return quants.dequantize(data, tensor_type).astype(np.float64)
 
 
 def _open_reader(path: Path | str):

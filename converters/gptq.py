@@ -36,6 +36,7 @@ from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.safetensors_stream import TensorSpec
+from qalora_export.weight_rows import WeightRows
 
 FORMAT = "gptq"
 META_KEY = "qalora_export"
@@ -250,9 +251,17 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 def read_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Decode every quantized layer of the checkpoint at ``path``: (module, float64 ``[out, in]``)."""
+    for name, rows in read_weight_rows(path):
+        yield name, rows.whole()
+
+
+def read_weight_rows(path: Path) -> Iterator[tuple[str, WeightRows]]:
+    """:func:`read_weights` a row block at a time: each layer's codes are unpacked (uint8) and
+    dequantized to float64 only block by block."""
     ckpt = GPTQCheckpoint(path)
     for layer in ckpt.iter_layers():
-        yield layer.name, layer.dequantize(torch.float64)
+        yield layer.name, WeightRows(tuple(layer.codes.shape),
+                                     lambda start, stop, layer=layer: layer.dequantize(torch.float64, slice(start, stop)))
 
 
 def merge_metadata(path: Path) -> dict:
@@ -262,15 +271,20 @@ def merge_metadata(path: Path) -> dict:
     return dict((qcfg.get("meta") or {}).get(META_KEY) or {})
 
 
-def declared_weight(model: MergedModel, name: str, artifact_meta: dict) -> torch.Tensor:
-    """What the artifact must hold for layer ``name``: the fold, rounded as its metadata declares."""
+def declared_layer(model: MergedModel, name: str, artifact_meta: dict) -> QuantizedLinear:
+    """The record the artifact must hold for layer ``name``: the fold, rounded as its metadata declares."""
     folded, _ = model.read_layer(name)
     if artifact_meta.get("exact", True) and artifact_meta.get("zeros_moved", 0) == 0:
-        return folded.dequantize(torch.float64)
+        return folded
     fmt = artifact_meta.get("checkpoint_format") or model.base.config.checkpoint_format
     rounded, _ = integer_zeros(folded, fmt if fmt in CHECKPOINT_FORMATS else "gptq_v2",
                                clamp=artifact_meta.get("zeros_clamped", 0) > 0)
-    return rounded.dequantize(torch.float64)
+    return rounded
+
+
+def declared_weight(model: MergedModel, name: str, artifact_meta: dict) -> torch.Tensor:
+    """:func:`declared_layer` dequantized: float64 ``[out, in]``."""
+    return declared_layer(model, name, artifact_meta).dequantize(torch.float64)
 
 
 # --------------------------------------------------------------------------------------- runtime

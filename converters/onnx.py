@@ -46,6 +46,7 @@ from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import single_threaded_torch
 from qalora_export.quant import QuantizedLinear
 from qalora_export.tokenizer_check import check_tokenizer_matches
+from qalora_export.weight_rows import WeightRows
 
 from . import onnx_spec as spec
 from .onnx_genai import GENAI_CONFIG_FILE, MODEL_FILE, write_genai_config
@@ -497,17 +498,22 @@ def merge_metadata(out_dir: Path) -> dict:
     return {}
 
 
-def declared_weight(model, name: str, meta: dict) -> torch.Tensor:
-    """The weight the artifact declares it holds for ``name`` (float64 ``[out, in]``): the folded
-    record with its zero-points stored as the export stored them (rounded to integers for uint8,
-    to the io dtype for float zero-points)."""
+def declared_layer(model, name: str, meta: dict) -> QuantizedLinear:
+    """The record the artifact declares it holds for ``name``: the folded record with its
+    zero-points stored as the export stored them (rounded to integers for uint8, to the io dtype
+    for float zero-points)."""
     layer, _ = model.read_layer(name)
     zeros = layer.zeros.to(torch.float64)
     if meta.get("zero_points") == "uint8":
         zeros = torch.round(zeros)
     else:
         zeros = zeros.to(torch.float16 if meta.get("dtype") == "fp16" else torch.float32).to(torch.float64)
-    return layer.with_zeros(zeros).dequantize(torch.float64)
+    return layer.with_zeros(zeros)
+
+
+def declared_weight(model, name: str, meta: dict) -> torch.Tensor:
+    """:func:`declared_layer` dequantized: float64 ``[out, in]``."""
+    return declared_layer(model, name, meta).dequantize(torch.float64)
 
 
 def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -516,6 +522,13 @@ def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     Reads ``B``, scales and zero-points with this module's codec (``onnx_spec``), undoes an
     act-order input ``Gather`` permutation, and yields the effective weight the node computes with.
     """
+    for name, rows in read_weight_rows(out_dir):
+        yield name, rows.whole()
+
+
+def read_weight_rows(out_dir: Path) -> Iterator[tuple[str, WeightRows]]:
+    """:func:`read_weights` with each weight decoded on demand, a row block at a time (verify);
+    everything but the values is checked before a node is yielded."""
     from onnx import helper
 
     out_dir = Path(out_dir)
@@ -566,25 +579,39 @@ def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                                       f"is neither packed uint8 nor float [{n}, {k_blocks}]")
         else:
             zeros = np.full((n, k_blocks), 1 << (bits - 1))
-        w = spec.dequantize(spec.unpack_b(b, bits, k), scales, zeros, block_size)
         residual_name = f"{node.name}.MatMulNBits.zero_residual"
+        r = None
         if residual_name in inits:  # "split" zero-points: W -= R[g(i), n] over runs of K / G columns
             r = _initializer_array(inits[residual_name], out_dir).astype(np.float64)  # [G, N]
             if r.ndim != 2 or r.shape[1] != n or r.shape[0] == 0 or k % r.shape[0]:
                 raise CheckpointError(f"{out_dir}: {residual_name} is {list(r.shape)}, expected [G, {n}] with G dividing {k}")
-            w = w - np.repeat(r.T, k // r.shape[0], axis=1)
+        perm = None
         src = producers.get(node.input[0])
         if src is not None and src.op_type == "Gather" and len(src.input) > 1 and src.input[1] in inits:
             perm = _initializer_array(inits[src.input[1]], out_dir)
             if perm.dtype.kind not in "iu" or perm.shape != (k,) or not np.array_equal(np.sort(perm), np.arange(k)):
                 raise CheckpointError(f"{out_dir}: the input permutation of {node.name} ({src.input[1]}) is not a "
                                       f"permutation of 0..{k - 1}; the model file is corrupt")
+            perm = perm.astype(np.int64)
+        yield node.name, WeightRows((n, k), _node_rows(out_dir, node.name, k, bits, block_size, b, scales, zeros, r, perm))
+
+
+def _node_rows(out_dir: Path, node: str, k: int, bits: int, block_size: int, b: np.ndarray, scales: np.ndarray,
+               zeros: np.ndarray, residual: Optional[np.ndarray], perm: Optional[np.ndarray]):
+    """``(start, stop) -> float64`` rows of the weight one MatMulNBits node computes with: codes
+    dequantized, the split residual ``R`` ``[G, N]`` subtracted, the input permutation undone."""
+    def decode(start: int, stop: int) -> torch.Tensor:
+        w = spec.dequantize(spec.unpack_b(b[start:stop], bits, k), scales[start:stop], zeros[start:stop], block_size)
+        if residual is not None:
+            w = w - np.repeat(residual.T[start:stop], k // residual.shape[0], axis=1)
+        if perm is not None:
             unpermuted = np.empty_like(w)
-            unpermuted[:, perm.astype(np.int64)] = w
+            unpermuted[:, perm] = w
             w = unpermuted
         if not np.isfinite(w).all():
-            raise CheckpointError(f"{out_dir}: {node.name} decodes to NaN or inf; the model file is corrupt")
-        yield node.name, torch.from_numpy(np.ascontiguousarray(w))
+            raise CheckpointError(f"{out_dir}: {node} decodes to NaN or inf; the model file is corrupt")
+        return torch.from_numpy(np.ascontiguousarray(w))
+    return decode
 
 
 def _int_attr(attrs: dict, name: str, node: str, out_dir: Path) -> int:

@@ -23,7 +23,7 @@ the training forward used; ``merge --to gptq --require-exact`` then succeeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -144,16 +144,24 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
     return layer.with_zeros(zeros), stats
 
 
-def effective_weight(layer: QuantizedLinear, adapter: QALoRAAdapter | None) -> torch.Tensor:
+def effective_weight(layer: QuantizedLinear, adapter: QALoRAAdapter | None,
+                     rows: Optional[slice] = None) -> torch.Tensor:
     """The unmerged effective weight ``W_hat + dW`` as float64 ``[out, in]`` (the verify reference).
 
     Computed from the adapter's delta directly (not through the fold), so that it checks the fold.
     For an integer-zero adapter it is what its training forward computed:
     ``scale * (q - (zero - round_zero_shift(...)))`` (pooling over the quantization groups).
+    ``rows``: only those output rows (equal to the same rows of the whole).
     """
-    w = layer.dequantize(torch.float64)
+    return effective_weight_rows(layer, adapter)(rows)
+
+
+def effective_weight_rows(layer: QuantizedLinear,
+                          adapter: QALoRAAdapter | None) -> Callable[[Optional[slice]], torch.Tensor]:
+    """:func:`effective_weight` as a function of the output rows, with the adapter's per-group
+    delta (``[out, L]``, small) computed once: verify compares a layer a row block at a time."""
     if adapter is None or layer.name not in adapter.layers:
-        return w
+        return lambda rows=None: layer.dequantize(torch.float64, rows)
     zero_range = integer_zero_range(adapter)
     if zero_range is not None:
         if adapter.pool_groups != "quantization":
@@ -161,11 +169,16 @@ def effective_weight(layer: QuantizedLinear, adapter: QALoRAAdapter | None) -> t
         delta = adapter_delta(adapter, layer.name, layer.in_features)
         zeros = layer.zeros.to(torch.float64)
         shift = round_zero_shift(delta.T / layer.scales.to(torch.float64), zeros, zero_range)
-        return layer.with_zeros(zeros - shift).dequantize(torch.float64)
+        shifted = layer.with_zeros(zeros - shift)
+        return lambda rows=None: shifted.dequantize(torch.float64, rows)
     delta = adapter_delta(adapter, layer.name, layer.in_features)
     if adapter.pool_groups == "quantization":
         column_pool = layer.g_idx.to(torch.int64)
     else:
         p = adapter.layer_pool_group_size(layer.name, layer.in_features)
         column_pool = torch.arange(layer.in_features) // p
-    return w + delta[:, column_pool]
+
+    def rows_of(rows: Optional[slice] = None) -> torch.Tensor:
+        rows = slice(None) if rows is None else rows
+        return layer.dequantize(torch.float64, rows) + delta[rows][:, column_pool]
+    return rows_of

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from .adapter import QALoRAAdapter, load_adapter
 from .errors import AdapterError
-from .fold import FoldStats, effective_weight, fold_into_zero_points
+from .fold import FoldStats, effective_weight, effective_weight_rows, fold_into_zero_points
 from .gptq_format import GPTQCheckpoint
 from .quant import QuantizedLinear
 
@@ -88,6 +88,14 @@ class MergedModel:
     def reference_weight(self, name: str) -> torch.Tensor:
         """The unmerged effective weight ``W_hat + dW`` (float64 ``[out, in]``), computed without the fold."""
         return effective_weight(self._base_layer(name), self.adapter)
+
+    def reference_weight_rows(self, name: str) -> Callable[[Optional[slice]], torch.Tensor]:
+        """:meth:`reference_weight` a row block at a time: ``rows -> float64 [len(rows), in]``."""
+        return effective_weight_rows(self._base_layer(name), self.adapter)
+
+    def layer_shape(self, name: str) -> tuple[int, int]:
+        """``(out, in)`` of the quantized layer ``name``."""
+        return tuple(self._base_layer(name).codes.shape)
 
     def _base_layer(self, name: str) -> QuantizedLinear:
         """The base record of ``name``, kept for the next call: verify asks for a layer's folded

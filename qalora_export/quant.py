@@ -62,12 +62,17 @@ class QuantizedLinear:
         """True when ``g_idx`` is not the contiguous ``i // group_size`` assignment."""
         return not torch.equal(self.g_idx, contiguous_g_idx(self.in_features, self.group_size))
 
-    def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``W_hat`` as ``[out, in]`` in ``dtype`` (computed in float64, then cast)."""
+    def dequantize(self, dtype: torch.dtype = torch.float64, rows: Optional[slice] = None) -> torch.Tensor:
+        """``W_hat`` as ``[out, in]`` in ``dtype`` (computed in float64, then cast).
+
+        ``rows``: only those output rows, ``[len(rows), in]``, equal to the same rows of the whole
+        (every element is computed alone), without a whole-layer temporary.
+        """
+        rows = slice(None) if rows is None else rows
         g = self.g_idx
-        scale = self.scales.to(torch.float64)[g].T  # [out, in]
-        zero = self.zeros.to(torch.float64)[g].T
-        return (scale * (self.codes.to(torch.float64) - zero)).to(dtype)
+        scale = self.scales[:, rows].to(torch.float64)[g].T  # [rows, in]
+        zero = self.zeros[:, rows].to(torch.float64)[g].T
+        return (scale * (self.codes[rows].to(torch.float64) - zero)).to(dtype)
 
     def with_zeros(self, zeros: torch.Tensor) -> "QuantizedLinear":
         """A copy sharing codes and scales, with new zero-points ``[G, out]``."""
