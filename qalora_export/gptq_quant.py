@@ -39,9 +39,9 @@ CALIBRATION_MODULES = (
 )
 
 
-def calibration_text(modules: tuple[str, ...] = CALIBRATION_MODULES) -> str:
-    """Docstrings of standard-library modules and their public members (offline, deterministic for
-    one Python version), joined by blank lines."""
+def stdlib_docstrings(modules: tuple[str, ...] = CALIBRATION_MODULES) -> list[str]:
+    """Docstrings of standard-library ``modules`` and of their public classes and functions (those
+    longer than 40 characters), in a fixed order; modules this Python lacks are skipped."""
     parts: list[str] = []
     for module_name in modules:
         try:
@@ -59,7 +59,13 @@ def calibration_text(modules: tuple[str, ...] = CALIBRATION_MODULES) -> str:
                 doc = inspect.getdoc(member)
                 if doc and len(doc) > 40:
                     parts.append(doc)
-    return "\n\n".join(parts)
+    return parts
+
+
+def calibration_text(modules: tuple[str, ...] = CALIBRATION_MODULES) -> str:
+    """Docstrings of standard-library modules and their public members (offline, deterministic for
+    one Python version), joined by blank lines."""
+    return "\n\n".join(stdlib_docstrings(modules))
 
 
 def _group_params(w: torch.Tensor, maxq: int, min_zero: int) -> tuple[torch.Tensor, torch.Tensor]:
