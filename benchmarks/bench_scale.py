@@ -10,7 +10,10 @@ timed in the same run, right before, as the reference.
 
 Caches cannot be dropped here (no root): every input is read once (``cat > /dev/null``) before
 the timings, so cp and the merges both read from the page cache and write into it (no fsync in
-either). Outputs are deleted after each run.
+either). Each command is timed twice: until it exits, and until a ``sync`` after it returns (its
+output on disk), since a 4 GB ``cp`` may finish inside the page cache's dirty limits or be
+throttled by writeback depending on what else the machine writes. The 1-minute load average is
+recorded with each row (the machine is shared). Outputs are deleted after each run.
 
     python benchmarks/bench_scale.py --layers 8 32 --formats gptq onnx gguf --workdir /tmp/qalora-scale
     python benchmarks/bench_scale.py --dry-run --shape llama2-70b   # plan only, nothing written
@@ -105,7 +108,9 @@ import json, os, subprocess, sys, time
 t0 = time.perf_counter()
 proc = subprocess.Popen(sys.argv[1:])
 _, status, usage = os.wait4(proc.pid, 0)
-print(json.dumps({"seconds": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
+seconds = time.perf_counter() - t0
+os.sync()  # then until its output is on disk: writeback the command left behind
+print(json.dumps({"seconds": seconds, "synced_seconds": time.perf_counter() - t0, "rc": os.waitstatus_to_exitcode(status),
                   "peak_rss_bytes": usage.ru_maxrss * 1024, "user_s": usage.ru_utime, "sys_s": usage.ru_stime}))
 """
 
@@ -147,6 +152,7 @@ def run(args) -> list[dict]:
             cp_out = workdir / "cp-out"
             shutil.rmtree(cp_out, ignore_errors=True)
             os.sync()  # both timings start with no dirty pages to write back
+            load = os.getloadavg()[0]  # the machine is shared: how busy it was
             cp = measure(["cp", "-r", str(base), str(cp_out)])
             shutil.rmtree(cp_out)
             out = workdir / (f"out-{fmt}.gguf" if fmt == "gguf" else f"out-{fmt}")
@@ -159,10 +165,14 @@ def run(args) -> list[dict]:
             size = dir_bytes(out)
             shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink()
             plan = plan_merge(dict(SHAPES[args.shape], num_hidden_layers=layers), fmt, BITS, GROUP_SIZE, args.rank)
-            row = {"format": fmt, "layers": layers, "input_bytes": dir_bytes(base), "output_bytes": size,
-                   "cp_seconds": cp["seconds"], "seconds": res["seconds"], "ratio_to_cp": res["seconds"] / cp["seconds"],
+            row = {"format": fmt, "shape": args.shape, "layers": layers, "input_bytes": dir_bytes(base),
+                   "output_bytes": size, "cp_seconds": cp["seconds"], "seconds": res["seconds"],
+                   "ratio_to_cp": res["seconds"] / cp["seconds"], "cp_synced_seconds": cp["synced_seconds"],
+                   "synced_seconds": res["synced_seconds"],
+                   "synced_ratio_to_cp": res["synced_seconds"] / cp["synced_seconds"],
                    "peak_rss_bytes": res["peak_rss_bytes"], "cp_peak_rss_bytes": cp["peak_rss_bytes"],
-                   "user_s": res["user_s"], "sys_s": res["sys_s"], "planned_peak_bytes": plan.estimated_peak_bytes}
+                   "user_s": res["user_s"], "sys_s": res["sys_s"], "planned_peak_bytes": plan.estimated_peak_bytes,
+                   "load_average_1min": load}
             print(json.dumps(row), flush=True)
             rows.append(row)
         if not args.keep:
@@ -174,12 +184,15 @@ def run(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| format | layers | input GB | output GB | cp s | merge s | ratio to cp | peak RSS GB | planned GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| format | layers | input GB | output GB | cp s | merge s | ratio to cp | cp+sync s | merge+sync s | "
+             "ratio synced | user+sys s | peak RSS GB | planned GB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['format']} | {r['layers']} | {r['input_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} | "
                      f"{r['cp_seconds']:.1f} | {r['seconds']:.1f} | {r['ratio_to_cp']:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {r['planned_peak_bytes'] / 2**30:.2f} |")
+                     f"{r['cp_synced_seconds']:.1f} | {r['synced_seconds']:.1f} | {r['synced_ratio_to_cp']:.2f} | "
+                     f"{r['user_s'] + r['sys_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                     f"{r['planned_peak_bytes'] / 2**30:.2f} | {r['load_average_1min']:.1f} |")
     return "\n".join(lines)
 
 

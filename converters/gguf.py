@@ -271,6 +271,9 @@ class _Tensor:
 
 def _float_array(t: torch.Tensor, ggml_type: str) -> np.ndarray:
     """A float tensor as the stored array: F32, F16 or Q8_0 blocks (gguf-py's reference quantizer)."""
+    if ggml_type == "F16" and t.dtype == torch.float16 and not bool(torch.isnan(t).any()):
+        # fp16 -> fp32 -> fp16 is the identity on every value but NaN payloads: keep the bytes
+        return np.ascontiguousarray(t.detach().numpy())
     a = t.detach().to(torch.float32).numpy()
     if ggml_type == "F32":
         return np.ascontiguousarray(a)

@@ -300,8 +300,10 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
     embed = np.asarray(tensor(embed_name))
     embed_stored = embed if embed.dtype in (np.float16, io_np) else as_io(embed)
     table = gb.initializer(embed_name, embed_stored)
+    embed_dtype = embed_stored.dtype
+    del embed, embed_stored  # written: not held while the layers and the lm head are built
     h = gb.node("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
-    if embed_stored.dtype != io_np:
+    if embed_dtype != io_np:
         h = gb.node("Cast", [h], "/model/embed_tokens/Cast", to=io_onnx)
 
     # Attention-mask reformatting for GroupQueryAttention (genai's own subgraph).
@@ -391,7 +393,7 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
     x = rms_norm(h, "model.norm.weight", "/model/norm")
     if cfg.tie_embeddings:
         wt = gb.node("Transpose", [table], "/lm_head/TransposeTiedEmbedding", perm=[1, 0])
-        if embed_stored.dtype != io_np:
+        if embed_dtype != io_np:
             wt = gb.node("Cast", [wt], "/lm_head/CastTiedEmbedding", to=io_onnx)
         logits = gb.node("MatMul", [x, wt], "/lm_head/MatMul")
     else:

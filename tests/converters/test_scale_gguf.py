@@ -43,3 +43,23 @@ def test_row_blocks_are_byte_identical_to_whole_tables(tmp_path, monkeypatch, em
     monkeypatch.setattr(G, "_float_row_blocks", whole)
     G.export(model, tmp_path / "whole.gguf", embeddings=embeddings)
     assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+def test_fp16_tables_keep_their_bytes_as_f16():
+    """An fp16 table stored as F16 is copied, not widened and narrowed: the same bytes as the
+    fp32 round trip for every value (subnormals, signed zeros, infinities, the extremes); a table
+    with a NaN takes the round trip itself."""
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 1 << 16, size=(64, 32), dtype=np.uint16)
+    bits[(bits & 0x7C00) == 0x7C00] &= 0xFC00  # no NaN: exponent all ones keeps only the infinities
+    special = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00], dtype=np.uint16)
+    bits[0, :len(special)] = special
+    table = torch.from_numpy(bits.view(np.float16).copy())
+    round_trip = table.to(torch.float32).numpy().astype(np.float16)
+    assert G._float_array(table, "F16").tobytes() == round_trip.tobytes()
+    with_nan = table.clone()
+    with_nan[3, 3] = float("nan")
+    assert G._float_array(with_nan, "F16").tobytes() == with_nan.to(torch.float32).numpy().astype(np.float16).tobytes()

@@ -10,6 +10,8 @@ and compares every file byte for byte (untied lm_head as a float MatMul included
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import torch
 from onnx import TensorProto, helper
 
 import tiny_models
@@ -92,3 +94,26 @@ def test_add_blocks_equals_add(tmp_path):
     assert [(e.key, e.value.replace("blocks", "one")) for e in t_blocks.external_data] == \
         [(e.key, e.value) for e in t_one.external_data]
     assert (tmp_path / "one.data").read_bytes() == (tmp_path / "blocks.data").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_tables_read_in_row_blocks_equal_whole_reads(tmp_path, monkeypatch, dtype):
+    """Float tables are read a row block at a time into one array (no whole-file residency while
+    copying); the array equals the whole read, bfloat16 widened to float32 as before."""
+    base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
+    model = MergedModel.open(base)
+    monkeypatch.setattr(model.base, "read_tensor", _as_dtype(model.base.read_tensor, dtype))
+    monkeypatch.setattr(model.base, "tensor_spec", lambda name, real=model.base.tensor_spec: (dtype, real(name)[1]))
+    monkeypatch.setattr(onnx_converter, "READ_BLOCK_BYTES", 5 * 64 * 2)  # 5 rows (hidden 64), uneven last block
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        whole = model.base.read_tensor(name)
+        expected = (whole.to(torch.float32) if dtype == torch.bfloat16 else whole).numpy()
+        got = onnx_converter._tensor_np(model, name)
+        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), name
+
+
+def _as_dtype(read, dtype):
+    def read_as(name, rows=None):
+        t = read(name) if rows is None else read(name, rows)
+        return t.to(dtype) if t.is_floating_point() else t
+    return read_as
