@@ -7,7 +7,7 @@ tables are materialised for the whole run. Then, for each decoder layer in order
    ``device``);
 2. the calibration hidden states (inputs of this layer, ``[n, seq, hidden]``) run through it in
    chunks of about ``batch_tokens`` tokens while forward pre-hooks accumulate each projection's
-   Hessian ``2 X.T X`` (projections fed the same input, q/k/v and gate/up, share one product);
+   Hessian ``2 X.T X`` (projections fed the same input, q/k/v and gate/up, share one sum);
 3. every ``*_proj`` is GPTQ-quantized (:func:`qalora_export.gptq_quant.gptq_quantize`), handed to
    ``on_layer`` (which writes it out) and replaced by its dequantized weight;
 4. the calibration chunks run through the quantized layer again: its outputs are the next layer's
@@ -16,10 +16,10 @@ tables are materialised for the whole run. Then, for each decoder layer in order
 5. the layer goes back to ``meta``.
 
 Peak memory is therefore the embedding, one decoder layer in float32, one layer's Hessians
-(``[in, in]`` each), two copies of the calibration hidden states (``n * seq * hidden`` values in
-``activation_dtype``) and one chunk's intermediate activations — not the model. For LLaMA-7B with
-128 x 512 calibration tokens: 0.8 GB layer, 1.1 GB Hessians (float64), 2 x 1 GB hidden states in
-float32 (2 x 0.5 GB in float16).
+(four ``[in, in]`` sums for a LLaMA layer), two copies of the calibration hidden states
+(``n * seq * hidden`` values in ``activation_dtype``) and one chunk's intermediate activations — not
+the model. For LLaMA-7B with 128 x 512 calibration tokens: 0.8 GB layer, 1.4 GB Hessians in
+float64 (0.7 GB in float32 on CUDA), 2 x 1 GB hidden states in float32 (2 x 0.5 GB in float16).
 
 Numerics: layers always compute in float32; hidden states are *stored* between layers in
 ``activation_dtype`` (float32 on CPU, float16 on CUDA by default, to halve that memory).
@@ -208,7 +208,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
         for name, module in linears.items():
             if progress:
                 progress(name)
-            H, count = hessians.pop(name)
+            H, count = hessians.pop(name)  # shared with q/k/v or gate/up: gptq_quantize copies it
             record = gptq_quantize(name, module.weight, H / count, bits, group_size, act_order, damp, min_zero,
                                    bias=module.bias)
             on_layer(name, record, module.weight.detach().cpu().clone())
@@ -220,27 +220,35 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
 
 def _layer_hessians(layer, linears: dict[str, torch.nn.Linear], hidden: list[torch.Tensor],
                     kwargs_by_rows: dict[int, dict], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, int]]:
-    """``{path: (sum over calibration tokens of 2 x x.T, token count)}`` for each linear's input."""
-    sums: dict[str, tuple[torch.Tensor, int]] = {}
-    last: dict = {"input": None, "product": None}  # q/k/v (gate/up) see one tensor: one product
+    """``{path: (sum over calibration tokens of 2 x x.T, token count)}`` for each linear's input.
+
+    Projections fed the same tensor (q/k/v, gate/up) share one product per chunk and one sum, so a
+    LLaMA layer holds four ``[in, in]`` sums, not seven.
+    """
+    sums: dict[str, tuple[torch.Tensor, int]] = {}  # by the first projection that saw the input
+    owner: dict[str, str] = {}  # projection -> whose sum it shares (fixed by the first chunk)
+    last: dict = {"input": None, "name": None}
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0]
-            if x is not last["input"]:
-                flat = x.reshape(-1, x.shape[-1]).to(dtype)
-                last["input"], last["product"] = x, (2.0 * (flat.T @ flat), flat.shape[0])
-            product, n = last["product"]
-            total, count = sums.get(name, (0, 0))
-            sums[name] = (total + product, count + n)
+            if x is last["input"]:
+                owner.setdefault(name, last["name"])
+                return
+            owner.setdefault(name, name)
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            total, count = sums.get(owner[name], (0, 0))
+            sums[owner[name]] = (total + 2.0 * (flat.T @ flat), count + flat.shape[0])
+            last["input"], last["name"] = x, owner[name]
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
     try:
         for h in hidden:
             layer(h.to(torch.float32), **kwargs_by_rows[h.shape[0]])
-            last["input"], last["product"] = None, None
+            last["input"], last["name"] = None, None
     finally:
         for handle in handles:
             handle.remove()
-    return {n: (total.to(torch.float64), count) for n, (total, count) in sums.items()}
+    merged = {key: (total.to(torch.float64), count) for key, (total, count) in sums.items()}
+    return {name: merged[owner[name]] for name in linears}
