@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from .errors import AdapterError
 from .io_utils import atomic_output_dir, read_json
+from .quant import all_finite
 
 Pooling = Literal["mean", "sum", "peft"]
 PoolGroups = Literal["consecutive", "quantization"]
@@ -315,7 +316,7 @@ def _checked_tensor(f, key: str, weights_path: Path) -> torch.Tensor:
             f"{weights_path}: tensor {key} is {tensor.dtype}; LoRA factors are floating point (the file is "
             f"corrupt or not an adapter)"
         )
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise AdapterError(
             f"{weights_path}: tensor {key} contains NaN or inf; the adapter is corrupt or "
             f"its training diverged, and folding it would corrupt the model"

@@ -29,7 +29,7 @@ import torch
 
 from .adapter import QALoRAAdapter, adapter_delta
 from .errors import AdapterError, FoldError
-from .quant import QuantizedLinear
+from .quant import QuantizedLinear, all_finite
 
 
 @dataclass
@@ -137,7 +137,7 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
     if zero_range is not None:
         shift = round_zero_shift(shift, base_zeros, zero_range)
     zeros = base_zeros - shift
-    if not torch.isfinite(zeros).all():
+    if not all_finite(zeros):
         raise FoldError(f"{layer.name}: the folded zero-points are not finite (adapter or scales overflow)")
     stats = FoldStats(layer.name, float(shift.abs().max()) if shift.numel() else 0.0,
                       bool(torch.equal(zeros, torch.round(zeros))))

@@ -43,7 +43,7 @@ from safetensors import safe_open
 from .errors import CheckpointError, ConfigError, FormatLimitError
 from .io_utils import read_json
 from .packing import SUPPORTED_BITS, cycle_codes, pack_codes, unpack_codes
-from .quant import QuantizedLinear
+from .quant import QuantizedLinear, all_finite
 from .safetensors_stream import (TensorSpec, write_tensor_bytes, plan_shards, shard_file_names, write_file,
                                  write_index)
 
@@ -213,7 +213,7 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig
         raise CheckpointError(f"{name}.scales: shape {tuple(scales.shape)}, expected ({n_groups}, {out_features})")
     if g_idx.numel() and int(g_idx.min()) < 0:
         raise CheckpointError(f"{name}.g_idx: negative group index {int(g_idx.min())}")
-    if not torch.isfinite(scales).all():
+    if not all_finite(scales):
         raise CheckpointError(f"{name}.scales: contains NaN or inf; the checkpoint is corrupt")
     try:
         if qweight.is_meta:  # read_layer(with_codes=False): shape only, see codes_placeholder

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -77,6 +78,19 @@ class QuantizedLinear:
     def with_zeros(self, zeros: torch.Tensor) -> "QuantizedLinear":
         """A copy sharing codes and scales, with new zero-points ``[G, out]``."""
         return replace(self, zeros=zeros)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of the float tensor ``t`` is finite (no NaN, no infinity).
+
+    float32/float64 go through numpy's ``isfinite`` (one vectorised pass); other float types
+    through ``max |t|`` (NaN propagates). ``torch.isfinite(t).all()`` did the same with a bool
+    temporary and intra-op threads: on two busy cores that made checking a 7B adapter's 448
+    factors take seconds.
+    """
+    if t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu":
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return t.numel() == 0 or bool(torch.isfinite(t.detach().abs().amax()))
 
 
 def contiguous_g_idx(in_features: int, group_size: int) -> torch.Tensor:

@@ -172,3 +172,17 @@ def test_malformed_g_idx_is_a_config_error_not_a_crash(g_idx):
 def test_non_2d_weight_is_a_config_error():
     with pytest.raises(ConfigError, match=r"lin: weight must be 2-D \[out, in\], got shape \(64,\)"):
         quantize_rtn("lin", torch.randn(64), 4, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_finds_every_nan_and_infinity(dtype):
+    from qalora_export.quant import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 17, generator=gen).to(dtype)
+    assert all_finite(x) and all_finite(x[:, :0]) and all_finite(x.T)  # empty and non-contiguous too
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for i, j in ((0, 0), (32, 16), (5, 9)):
+            y = x.clone()
+            y[i, j] = bad
+            assert not all_finite(y) and not all_finite(y.T), (bad, i, j)
