@@ -17,6 +17,7 @@ floor (rule and constants in ``gguf_spec.py``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
-from qalora_export.io_utils import atomic_output_file
+from qalora_export.io_utils import atomic_output_file, atomic_output_files
 from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.packing import WORD_BITS, unpack_codes
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
@@ -461,7 +462,8 @@ def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: st
 
 
 def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite: bool = False,
-           weights_dtype: str = "q4_1", progress: Optional[Callable[[str], None]] = None) -> dict:
+           weights_dtype: str = "q4_1", progress: Optional[Callable[[str], None]] = None,
+           split_max_bytes: Optional[int] = None) -> dict:
     """Write ``model`` (base with its adapter folded in) as a llama.cpp GGUF file at ``out``.
 
     Args:
@@ -471,10 +473,16 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
         weights_dtype: ``q4_1`` (the folded codes, exact up to fp16 rounding of m) or ``f32``/``f16``
             (the unmerged effective weights ``W_hat + dW``, the noise-floor reference of DESIGN.md §4).
         progress: called with each tensor name as it is written (for the CLI's progress bar).
+        split_max_bytes: split the model into files of at most this many tensor bytes (a bigger
+            tensor gets a file of its own), as llama.cpp's ``gguf-split`` does: ``out``'s directory
+            gets ``<stem>-00001-of-0000N.gguf`` .. (``gguf_spec.split_file_names``), the first
+            holding the metadata, each the ``split.*`` keys; llama.cpp loads them from the first.
+            A model that fits is written as the one file ``out``.
 
     Returns:
-        JSON-able summary: format, path, bytes, tensors, quantized_tensors, max_m_rounding (max |fp16(m) - m|
-        over all blocks), max_d_rounding, max_fold_shift (code units), tokenizer, notes.
+        JSON-able summary: format, path, files (the split files, or ``[out]``), bytes (all files),
+        tensors, quantized_tensors, max_m_rounding (max |fp16(m) - m| over all blocks),
+        max_d_rounding, max_fold_shift (code units), tokenizer, notes.
 
     Raises:
         ConfigError: bad option values. OutputExistsError: ``out`` exists without ``overwrite``.
@@ -489,6 +497,8 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
         raise ConfigError(f"--embeddings {embeddings!r} is not supported; choose one of {', '.join(spec.EMBEDDING_DTYPES)}")
     if weights_dtype not in spec.WEIGHTS_DTYPES:
         raise ConfigError(f"weights_dtype {weights_dtype!r} is not supported; choose one of {', '.join(spec.WEIGHTS_DTYPES)}")
+    if split_max_bytes is not None and (not isinstance(split_max_bytes, int) or split_max_bytes <= 0):
+        raise ConfigError(f"--split-max-size {split_max_bytes!r} must be a positive number of bytes (e.g. 2GB)")
     out = Path(out)
     source = str(model.base.directory / "config.json")
     hp = read_hyperparams(model.model_config, source)
@@ -502,19 +512,25 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
         raise FormatLimitError(f"--embeddings q8_0 needs a hidden size that is a multiple of 32, got {embd.shape[1]}")
     tok = read_tokenizer(model.tokenizer_dir, n_vocab=embd.shape[0])
 
-    with atomic_output_file(out, overwrite) as tmp, single_threaded_torch():
-        writer = GGUFWriter(tmp, hp.arch.gguf_arch)
-        _add_metadata(writer, model, hp, weights_dtype, embeddings, tok, embd.shape[0])
-        for t in tensors:
-            if t.ggml_type in ("Q4_1", "Q8_0"):
-                qtype = GGMLQuantizationType[t.ggml_type]
-                block, size = GGML_QUANT_SIZES[qtype]
-                byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
-                writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=qtype)
-            else:
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float16 if t.ggml_type == "F16" else np.float32),
-                                       t.nbytes)
-        writer.write_header_to_file()
+    # gguf-py's writer plans the split files from the tensor infos (a new file when the next
+    # tensor would pass split_max_bytes) before any file is opened; so the file names are known
+    # here, and the files are written under temporary names and renamed together.
+    writer = GGUFWriter(None, hp.arch.gguf_arch, split_max_size=split_max_bytes or 0)
+    _add_metadata(writer, model, hp, weights_dtype, embeddings, tok, embd.shape[0])
+    for t in tensors:
+        if t.ggml_type in ("Q4_1", "Q8_0"):
+            qtype = GGMLQuantizationType[t.ggml_type]
+            block, size = GGML_QUANT_SIZES[qtype]
+            byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)
+            writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8), t.nbytes, raw_dtype=qtype)
+        else:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float16 if t.ggml_type == "F16" else np.float32),
+                                   t.nbytes)
+    files = writer.format_shard_names(out)  # [out], or out's directory / "<stem>-00001-of-0000N.gguf" ..
+    if len(files) == 1:
+        writer.split_max_size = 0  # one file: no split keys (and no warning from gguf-py that it did not split)
+    with _atomic_gguf_output(out, files, overwrite) as tmp, single_threaded_torch():
+        writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
@@ -529,7 +545,8 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
     return {
         "format": FORMAT,
         "path": str(out),
-        "bytes": out.stat().st_size,
+        "files": [str(f) for f in files],
+        "bytes": sum(f.stat().st_size for f in files),
         "tensors": len(tensors),
         "quantized_tensors": sum(t.ggml_type == "Q4_1" for t in tensors),
         "weights": weights_dtype,
@@ -543,6 +560,18 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
                       "add_bos": tok.add_bos, "chat_template": tok.chat_template is not None},
         "notes": list(hp.notes),
     }
+
+
+@contextlib.contextmanager
+def _atomic_gguf_output(out: Path, files: list[Path], overwrite: bool) -> Iterator[Path]:
+    """The path to hand gguf-py's writer: a temporary file for one file, or ``tmp_dir / out.name``
+    for split ``files`` (the writer derives their names from it; they move into place together)."""
+    if len(files) == 1:
+        with atomic_output_file(files[0], overwrite) as tmp:
+            yield tmp
+        return
+    with atomic_output_files(files, overwrite) as tmp_dir:
+        yield tmp_dir / out.name
 
 
 # --------------------------------------------------------------------------------- reading back
@@ -579,9 +608,11 @@ def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
         permute = any(a.gguf_arch == arch and a.permute_qk for a in spec.ARCHITECTURES.values())
         n_head = _field(reader, f"{arch}.attention.head_count")
         n_head_kv = _field(reader, f"{arch}.attention.head_count_kv") or n_head
+        split_no, split_count = _field(reader, spec.KEY_SPLIT_NO), _field(reader, spec.KEY_SPLIT_COUNT)
     except Exception as exc:  # corrupt metadata values (gguf-py raises several types)
         raise CheckpointError(f"{path}: GGUF metadata cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    for t in reader.tensors:
+    readers = [reader] + [_open_reader(p) for p in _other_splits(Path(path), split_no, split_count)]
+    for t in (t for r in readers for t in r.tensors):
         module = spec.hf_linear_name(t.name)
         if module is None and t.name == spec.OUTPUT_TENSOR and t.tensor_type == GGMLQuantizationType.Q4_1:
             module = "lm_head"
@@ -589,6 +620,21 @@ def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
             continue
         heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
         yield module, _tensor_rows(path, t, heads)
+
+
+def _other_splits(first: Path, split_no, split_count) -> list[Path]:
+    """The files after ``first`` of a split model (none for a single file)."""
+    if not split_count or split_count == 1:
+        return []
+    if split_no != 0:
+        raise CheckpointError(f"{first} is file {split_no + 1} of a model split in {split_count}; pass its first "
+                              f"file (...{spec.SPLIT_SUFFIX.format(no=1, count=split_count)})")
+    paths = spec.split_paths(first, split_count)
+    if paths is None:
+        raise CheckpointError(f"{first} is the first of {split_count} split files but is not named "
+                              f"<prefix>{spec.SPLIT_SUFFIX.format(no=1, count=split_count)}, so the others cannot be "
+                              f"found; keep the names llama.cpp's gguf-split gives them")
+    return paths[1:]
 
 
 def _tensor_rows(path: Path | str, t, heads: Optional[int]) -> WeightRows:
@@ -661,9 +707,10 @@ def read_file_types(path: Path | str) -> tuple[str, str]:
     from gguf import GGMLQuantizationType
 
     try:
-        types = {k: GGMLQuantizationType(v).name.lower() for k, v in spec.scan_tensor_types(path).items()}
+        types = {k: GGMLQuantizationType(v).name.lower()
+                 for p in spec.split_paths(Path(path)) or [path] for k, v in spec.scan_tensor_types(p).items()}
     except OSError as exc:
-        raise CheckpointError(f"cannot read GGUF file {path}: {exc.strerror or exc}") from exc
+        raise CheckpointError(f"cannot read GGUF file {exc.filename or path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # bad magic, truncated header, unknown value or tensor types
         raise CheckpointError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it is truncated or corrupt") from exc

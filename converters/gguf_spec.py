@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -363,6 +364,28 @@ def _scan(buf, path) -> dict[str, int]:
     if pos > len(buf):  # a count or length that runs past the end: only a final unpack would notice
         raise ValueError(f"{path}: the GGUF header runs past the end of the file ({pos} > {len(buf)} bytes)")
     return types
+
+
+# ------------------------------------------------------------------------------ split files
+
+# A model split over several files, as llama.cpp's gguf-split writes and llama_model_load reads it:
+# "<prefix>-00001-of-00003.gguf", ...; the first file holds the metadata, every file these keys
+# (split.no counts from 0) and its own tensors.
+KEY_SPLIT_NO = "split.no"  # uint16
+KEY_SPLIT_COUNT = "split.count"  # uint16
+KEY_SPLIT_TENSORS_COUNT = "split.tensors.count"  # int32, tensors of the whole model
+SPLIT_SUFFIX = "-{no:05d}-of-{count:05d}.gguf"
+_FIRST_SPLIT = re.compile(r"^(.*)-00001-of-(\d{5})\.gguf$")
+
+
+def split_paths(first: Path, count: Optional[int] = None) -> Optional[list[Path]]:
+    """Every file of a split model from its first file's name (``count`` from there, unless
+    given), or None when the name is not a first split file."""
+    match = _FIRST_SPLIT.match(first.name)
+    if match is None or (count is not None and int(match.group(2)) != count):
+        return None
+    count = int(match.group(2))
+    return [first.with_name(match.group(1) + SPLIT_SUFFIX.format(no=i, count=count)) for i in range(1, count + 1)]
 
 
 # ------------------------------------------------------------------------------ file type codes

@@ -141,7 +141,7 @@ def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -
         if args.allow_rounding:
             options["allow_rounding"] = True
     elif fmt == "gguf":
-        options.update(embeddings=args.embeddings)
+        options.update(embeddings=args.embeddings, split_max_bytes=args.split_max_size)
     bar = _Progress(total=len(model.quantized_modules), desc=f"merge -> {fmt}")
     try:
         if fmt == "gptq":
@@ -261,6 +261,9 @@ def _add_export_options(p: argparse.ArgumentParser, fmt: Optional[str]) -> None:
     if fmt in (None, "gguf"):
         p.add_argument("--embeddings", choices=("f16", "f32", "q8_0"), default="f16",
                        help="type of the token-embedding tensor in the GGUF")
+        p.add_argument("--split-max-size", type=_byte_size, default=None, metavar="SIZE",
+                       help="split the GGUF into files of at most SIZE of tensors (e.g. 2GB), named "
+                            "<name>-00001-of-0000N.gguf like llama.cpp's gguf-split; llama.cpp loads the first")
 
 
 def _fraction_or_count(text: str) -> float | int:

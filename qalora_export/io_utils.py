@@ -25,7 +25,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Type
+from typing import Iterator, Optional, Sequence, Type
 
 from .errors import OutputExistsError, OutputWriteError, QALoRAExportError
 
@@ -90,6 +90,35 @@ def atomic_output_file(path: Path, overwrite: bool = False) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_output_files(paths: Sequence[Path], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``paths`` (one directory); on success move each
+    ``tmp / path.name`` onto its ``path`` (split outputs: several files that belong together).
+
+    Nothing is visible until everything is written; each file then appears by an atomic rename,
+    so only a crash between the renames (milliseconds) could leave part of the set. Errors as
+    :func:`atomic_output_dir`.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths or any(p.parent != paths[0].parent for p in paths):
+        raise ValueError(f"atomic_output_files needs paths in one directory, got {paths}")
+    for path in paths:
+        check_output_path(path, overwrite)
+    first = paths[0]
+    with _write_errors(first):
+        first.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(first)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(first), suffix=".partial", dir=first.parent))
+    try:
+        with _write_errors(first):
+            yield tmp
+            _normal_permissions(tmp)
+            for path in paths:
+                os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # errno values that mean "the output does not fit", and how the safetensors writer (Rust) words them.
