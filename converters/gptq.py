@@ -35,7 +35,7 @@ from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_
 from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
-from qalora_export.safetensors_stream import TensorSpec
+from qalora_export.safetensors_stream import StoredTensor, TensorSpec
 from qalora_export.weight_rows import WeightRows
 
 FORMAT = "gptq"
@@ -127,17 +127,21 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
     out = Path(out)
     specs = planned_tensors(model, fmt)
 
-    def produce(key: str) -> torch.Tensor:
+    def produce(key: str) -> torch.Tensor | StoredTensor:
         """One output tensor. The fold changes only zero-points: qweight, scales, g_idx and bias
-        are the base's (cast to the format's dtypes), copied without unpacking."""
+        are the base's (cast to the format's dtypes), copied without unpacking; stored in the
+        output's dtype already, they are copied file to file without being read (as ``cp``)."""
         module, _, suffix = key.rpartition(".")
         if module not in quantized or suffix not in OUTPUT_DTYPES:
-            return model.read_tensor(key)
+            return model.base.stored_tensor(key) or model.read_tensor(key)
         if suffix == "qzeros":
             return folded_zero_points(module)
         if suffix == "g_idx" and key not in model.base.tensor_files:  # the base relies on i // group_size
             group_size = base_cfg.group_size if base_cfg.group_size > 0 else in_features[module]
             return contiguous_g_idx(in_features[module], group_size).to(torch.int32)
+        stored = model.base.stored_tensor(key)
+        if stored is not None and stored.dtype == OUTPUT_DTYPES[suffix]:
+            return stored
         return model.read_tensor(key).to(OUTPUT_DTYPES[suffix]).contiguous()
 
     def folded_zero_points(name: str) -> torch.Tensor:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -44,7 +45,7 @@ from .errors import CheckpointError, ConfigError, FormatLimitError
 from .io_utils import read_json
 from .packing import SUPPORTED_BITS, cycle_codes, pack_codes, unpack_codes
 from .quant import QuantizedLinear, all_finite
-from .safetensors_stream import (TensorSpec, write_tensor_bytes, plan_shards, shard_file_names, write_file,
+from .safetensors_stream import (StoredTensor, TensorSpec, write_tensor_bytes, plan_shards, shard_file_names, write_file,
                                  write_index)
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -304,6 +305,7 @@ class GPTQCheckpoint:
         self.quantized_modules: list[str] = modules
         self._handles: dict[Path, object] = {}
         self._fingerprints: dict[int, str] = {}
+        self._raw_headers: dict[Path, tuple[dict, int]] = {}
 
     # -- tensors
     def _handle(self, path: Path):
@@ -346,6 +348,32 @@ class GPTQCheckpoint:
             raise
         except Exception as exc:
             raise CheckpointError(f"{path}: tensor {key} has an unreadable header entry ({exc})") from exc
+
+    def stored_tensor(self, key: str) -> Optional[StoredTensor]:
+        """Where the bytes of tensor ``key`` lie in its file, for copying them without reading
+        (``safetensors_stream.copy_stored_bytes``); None when the header does not say plainly
+        (then read the tensor, whose reader names any problem)."""
+        path = self.tensor_files.get(key)
+        if path is None:
+            return None
+        try:
+            header, data_start = self._raw_headers[path]
+        except KeyError:
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    header, data_start = json.loads(f.read(length)), 8 + length
+            except (OSError, ValueError, struct.error):
+                return None
+            self._raw_headers[path] = header, data_start
+        entry = header.get(key) if isinstance(header, dict) else None
+        try:
+            begin, end = (int(v) for v in entry["data_offsets"])
+            dtype, shape = self.tensor_spec(key)
+        except (TypeError, KeyError, ValueError, CheckpointError):
+            return None
+        stored = StoredTensor(path, data_start + begin, dtype, shape)
+        return stored if end - begin == stored.nbytes else None
 
     def read_layer(self, name: str, with_codes: bool = True) -> QuantizedLinear:
         """Decode the quantized linear ``name`` (without suffix) into a record.

@@ -19,11 +19,13 @@ the order given, a new shard when the next tensor would push a non-empty shard o
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -37,6 +39,22 @@ _DTYPE_NAME = {dt: name for dt, name in DTYPE_ORDER}
 _DTYPE_RANK = {dt: i for i, (dt, _) in enumerate(DTYPE_ORDER)}
 HEADER_ALIGN = 8
 COPY_CHUNK = 64 << 20  # bytes per write of a large tensor
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor whose bytes already lie in a file (a safetensors input): ``produce`` may hand
+    this instead of the tensor, and its bytes are copied file to file by the kernel
+    (``os.copy_file_range``, as ``cp`` does), never read into this process."""
+
+    path: Path
+    offset: int  # of the first byte in the file
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return TensorSpec("", self.dtype, self.shape).nbytes
 
 
 @dataclass(frozen=True)
@@ -82,12 +100,13 @@ def header_bytes(specs: Sequence[TensorSpec], metadata: Optional[dict[str, str]]
     return struct.pack("<Q", len(text)) + text
 
 
-def write_file(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
+def write_file(path: Path, specs: Sequence[TensorSpec],
+               produce: Callable[[str], Union[torch.Tensor, StoredTensor]],
                metadata: Optional[dict[str, str]] = None) -> int:
     """Write a safetensors file, asking ``produce(name)`` for each tensor in the file's order.
 
-    Each produced tensor must match its spec (dtype and shape); it is released once written.
-    Returns the number of tensor bytes written.
+    Each produced tensor (or :class:`StoredTensor`, copied from its file) must match its spec
+    (dtype and shape); it is released once written. Returns the number of tensor bytes written.
     """
     total = 0
     with open(path, "wb") as f:
@@ -97,9 +116,43 @@ def write_file(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str],
             if tensor.dtype != s.dtype or tuple(tensor.shape) != s.shape:
                 raise ValueError(f"{s.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
                                  f"planned {s.dtype} {s.shape}")
-            total += write_tensor_bytes(f, tensor)
+            total += copy_stored_bytes(f, tensor) if isinstance(tensor, StoredTensor) else write_tensor_bytes(f, tensor)
             del tensor
     return total
+
+
+def copy_stored_bytes(f, stored: StoredTensor) -> int:
+    """Append ``stored``'s bytes to the open file ``f``: ``os.copy_file_range`` (in the kernel), or
+    reads and writes of :data:`COPY_CHUNK` where the platform or file system has no such copy."""
+    f.flush()
+    start, length = f.tell(), stored.nbytes
+    done = 0
+    with open(stored.path, "rb") as src:
+        copy = getattr(os, "copy_file_range", None)
+        while copy is not None and done < length:
+            try:
+                n = copy(src.fileno(), f.fileno(), length - done, stored.offset + done, start + done)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY or done:
+                    raise
+                copy = None  # e.g. across file systems on older kernels: copy through this process
+                break
+            if n == 0:
+                raise OSError(errno.EIO, f"{stored.path} ended at byte {stored.offset + done} while copying a tensor")
+            done += n
+        src.seek(stored.offset + done)
+        while done < length:
+            chunk = src.read(min(COPY_CHUNK, length - done))
+            if not chunk:
+                raise OSError(errno.EIO, f"{stored.path} ended at byte {stored.offset + done} while copying a tensor")
+            os.pwrite(f.fileno(), chunk, start + done)
+            done += len(chunk)
+    f.seek(start + length)
+    return length
+
+
+# errnos of copy_file_range meaning "not here": fall back to copying through this process.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 def write_tensor_bytes(f, tensor: torch.Tensor) -> int:

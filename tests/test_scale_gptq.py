@@ -161,3 +161,63 @@ def test_checkpoint_writer_matches_save_file(tmp_path, limit):
         got = (tmp_path / "w" / fname).read_bytes()
         assert got == ref.read_bytes()
         assert got.startswith(header_bytes(shard, {"format": "pt"}))
+
+
+# ------------------------------------------------------------------ copies in the kernel
+
+
+def _stored_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    tensors = {"a": torch.randint(-2**31, 2**31 - 1, (37, 5), generator=gen, dtype=torch.int32),
+               "b": torch.randn(11, 3, generator=gen).to(torch.float16), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "src.safetensors"
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+@pytest.mark.parametrize("kernel_copy", ["copy_file_range", "refused", "absent"])
+def test_stored_tensors_are_copied_byte_for_byte(tmp_path, monkeypatch, kernel_copy):
+    """A file written from StoredTensors (copied file to file) equals the one written from the
+    tensors; without a kernel copy (EXDEV, or no os.copy_file_range) the bytes go through here."""
+    import errno
+    import os
+
+    from qalora_export.safetensors_stream import write_file
+
+    path, tensors = _stored_file(tmp_path)
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    path.rename(base_dir / "model.safetensors")
+    ckpt = GPTQCheckpoint.__new__(GPTQCheckpoint)  # just the tensor-file index and header parsing
+    ckpt.directory, ckpt.tensor_files = base_dir, {k: base_dir / "model.safetensors" for k in tensors}
+    ckpt._handles, ckpt._raw_headers = {}, {}
+    if kernel_copy == "refused":
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    elif kernel_copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range")
+    specs = [TensorSpec.of(k, t) for k, t in tensors.items()]
+    write_file(tmp_path / "from-tensors.safetensors", specs, lambda k: tensors[k], metadata={"format": "pt"})
+    stored = {k: ckpt.stored_tensor(k) for k in tensors}
+    assert all(s is not None for s in stored.values())
+    write_file(tmp_path / "copied.safetensors", specs, lambda k: stored[k], metadata={"format": "pt"})
+    assert (tmp_path / "copied.safetensors").read_bytes() == (tmp_path / "from-tensors.safetensors").read_bytes()
+
+
+def test_merge_copies_unchanged_tensors_without_reading_them(bases, tmp_path, monkeypatch):
+    """qweight, scales, g_idx and the float tensors are copied file to file; only qzeros (and the
+    small tensors the fold needs) are read."""
+    base, adapter = bases[(4, 32, False, "gptq")]
+    read = []
+    real = GPTQCheckpoint.read_tensor
+
+    def spy(self, key, rows=None):
+        read.append(key)
+        return real(self, key, rows)
+
+    monkeypatch.setattr(GPTQCheckpoint, "read_tensor", spy)
+    model = MergedModel.open(base, adapter)
+    read.clear()  # the fingerprint check reads every quantized tensor, by design
+    gptq_converter.export(model, tmp_path / "out")
+    assert not any(k.endswith(".qweight") or k.endswith("embed_tokens.weight") for k in read)
