@@ -90,9 +90,12 @@ def generate(workdir: Path, shape: str, layers: int, rank: int) -> tuple[Path, P
     adapter_layers = {}
     for name, out_f, in_f in linear_shapes(config):
         groups = in_f // GROUP_SIZE
-        # s * k * (B @ A) ~ 0.5 * 16 * 0.02^2 = 3e-3, a fraction of a code unit at these scales
-        adapter_layers[name] = AdapterLayer(lora_A=torch.randn(rank, groups, generator=gen) * 0.02,
-                                            lora_B=torch.randn(out_f, rank, generator=gen) * 0.02)
+        # s * k * (B @ A) ~ 2 * k * 4 * 0.02^2 with PEFT's k = groups / GROUP_SIZE (<= 0.67 at 7B): a
+        # fraction of a code unit at these scales. Wider inputs (70B's down_proj: k = 1.75) get
+        # smaller factors, so that the folded zeros stay inside the 4-bit range there too.
+        magnitude = 0.02 / max(1.0, groups / GROUP_SIZE)
+        adapter_layers[name] = AdapterLayer(lora_A=torch.randn(rank, groups, generator=gen) * magnitude,
+                                            lora_B=torch.randn(out_f, rank, generator=gen) * magnitude)
     fingerprint = GPTQCheckpoint(base).fingerprint()
     save_adapter(QALoRAAdapter(layers=adapter_layers, rank=rank, alpha=2.0 * rank, pooling="peft",
                                pool_group_size=GROUP_SIZE, pool_groups="quantization",
