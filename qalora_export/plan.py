@@ -7,13 +7,15 @@ ship it), tensors as :mod:`qalora_export.gptq_format` lays them out.
 
 Memory model (every converter streams; see docs/scale.md): the peak is
 
-    process baseline + the adapter (loaded whole, float32) + one layer's working set
+    the format's process baseline + one layer's working set
 
-with the working set per format a constant number of bytes per weight of the largest quantized
-linear (:data:`BYTES_PER_WEIGHT`), or a multiple of the largest float tensor (embedding table,
-:data:`FLOAT_TENSOR_COPIES`), whichever is larger. The constants are measured (docs/scale.md,
-peak RSS of the 7B-shaped benchmark at 8 and 32 layers), not derived; the 70B figures are
-extrapolations with these constants.
+with the working set a constant number of bytes per weight of the largest quantized linear
+(:data:`BYTES_PER_WEIGHT`) or a multiple of the largest float tensor (embedding / lm-head table,
+:data:`FLOAT_TENSOR_COPIES`), whichever is larger. The adapter is not in it: it is read one
+layer's factors at a time. The constants are fitted to measured peaks (docs/scale.md): the
+7B-shaped benchmark (8 and 32 layers) and a 70B-shaped checkpoint of 1 and 2 layers, which has
+the 70B model's largest linear (28672x8192) and full-size tables; the peak does not grow with the
+layer count, so an 80-layer plan uses the same figures.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from .safetensors_stream import TensorSpec, plan_shards
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
-# Calibrated on the 7B-shaped benchmark (docs/scale.md: peak RSS at 2/8/32 layers, adapter rank
-# 16), not derived: a process baseline (python, torch, numpy, safetensors and the format's imports)
-BASELINE_BYTES = 250 << 20
-# ... bytes per weight of the largest quantized linear while it is converted (gptq: the copied
-# packed qweight and the [G, out] float64 fold; onnx/gguf: unpacked uint8 codes and their repacking)
-BYTES_PER_WEIGHT = {"gptq": 0.5, "onnx": 4.0, "gguf": 4.0}
-# ... or copies of the largest float tensor alive at once (the fp16 embedding / lm_head table:
-# read, widened to fp32 for the ONNX lm_head MatMul or gguf-py's F16 path, stored), whichever is larger.
-FLOAT_TENSOR_COPIES = {"gptq": 1.0, "onnx": 4.5, "gguf": 5.5}
+# Fitted to the measured peaks (docs/scale.md: 7B-shaped at 8/32 layers, 70B-shaped at 1/2 layers),
+# not derived: a process baseline (python, torch, numpy, safetensors and the format's imports:
+# onnx and transformers for ONNX)
+BASELINE_BYTES = {"gptq": 320 << 20, "onnx": 530 << 20, "gguf": 360 << 20}
+# ... bytes per weight of the largest quantized linear while it is converted (gptq: the fingerprint
+# check's one tensor, tensors are otherwise copied file to file; onnx: qweight and its transposed
+# copy, MatMulNBits B; gguf: qweight, its transposed bytes, the nibble shuffle's halves and the
+# Q4_1 blocks)
+BYTES_PER_WEIGHT = {"gptq": 0.3, "onnx": 1.5, "gguf": 3.75}
+# ... or copies of the largest float tensor alive at once (ONNX holds the fp16 lm-head table and
+# writes it widened and transposed in 32 MB blocks; GPTQ copies tables file to file and GGUF
+# converts them in row blocks), whichever is larger.
+FLOAT_TENSOR_COPIES = {"gptq": 0.0, "onnx": 1.05, "gguf": 0.0}
 
 SHAPES = {  # config.json fields of the shapes the benchmark uses
     "llama-7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -134,6 +140,7 @@ def plan_merge(config: dict, fmt: str, bits: int = 4, group_size: int = 128, ran
     _, big_out, big_in = max(linears, key=lambda x: x[1] * x[2])
     biggest_float = max(s.nbytes for s in specs if s.name.endswith(".weight"))
     working = max(BYTES_PER_WEIGHT[fmt] * big_out * big_in, FLOAT_TENSOR_COPIES[fmt] * biggest_float)
+    working += 4 * rank * (big_in // group_size + big_out)  # the adapter factors of that layer
     shards = None
     if fmt == "gptq":
         shards = [sum(s.nbytes for s in shard) for shard in plan_shards(specs, max_shard_bytes)]
@@ -141,5 +148,5 @@ def plan_merge(config: dict, fmt: str, bits: int = 4, group_size: int = 128, ran
         fmt=fmt, layers=int(config["num_hidden_layers"]), quantized_linears=len(linears),
         input_bytes=sum(s.nbytes for s in specs), output_bytes=output_bytes(config, fmt, bits, group_size),
         adapter_bytes=adapter, largest_linear=f"{big_out}x{big_in}", largest_float_tensor_bytes=biggest_float,
-        shards=shards, estimated_peak_bytes=int(BASELINE_BYTES + adapter + working),
+        shards=shards, estimated_peak_bytes=int(BASELINE_BYTES[fmt] + working),
     )
