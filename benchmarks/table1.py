@@ -123,14 +123,14 @@ class Table:
         if path.is_file():
             result = json.loads(path.read_text())
         else:
-            log(f"{bits}-bit: {name}")
+            log(f"{bits}-bit: {name}" if bits else name)
             t0 = time.time()
             model, info = build()
             result = {"row": name, "bits": bits, **info, **self.evaluate(model), "settings": self.settings}
             result["seconds"] = time.time() - t0
             del model
             write_json(path, result)
-        log(f"  {bits}-bit {name}: loss {result['held_out_loss']:.3f}, exact match "
+        log(f"  {f'{bits}-bit ' if bits else ''}{name}: loss {result['held_out_loss']:.3f}, exact match "
             f"{result['correct']}/{result['total']} ({result['example']['generated'].strip()!r} "
             f"for {result['example']['expected']!r})")
         return result

@@ -165,7 +165,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
                             act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
                             quantize: Optional[set[str]] = None, device: str = "cpu",
                             activation_dtype: Optional[str] = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                            progress: Optional[Callable[[str], None]] = None) -> None:
+                            progress: Optional[Callable[[str], None]] = None, group_aware_order: bool = False) -> None:
     """GPTQ every ``*_proj`` of a LLaMA-family float model, one decoder layer in memory at a time.
 
     Args:
@@ -181,6 +181,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
         batch_tokens: calibration tokens per forward chunk (bounds the layer's intermediate
             activations; at least one window per chunk).
         progress: called with each projection's module path before it is quantized.
+        group_aware_order: GPTQ column order (:func:`qalora_export.gptq_quant.gptq_quantize`).
     """
     dev = resolve_device(device)
     act_dtype = resolve_activation_dtype(activation_dtype, dev)
@@ -210,7 +211,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
                 progress(name)
             H, count = hessians.pop(name)  # shared with q/k/v or gate/up: gptq_quantize copies it
             record = gptq_quantize(name, module.weight, H / count, bits, group_size, act_order, damp, min_zero,
-                                   bias=module.bias)
+                                   bias=module.bias, group_aware_order=group_aware_order)
             on_layer(name, record, module.weight.detach().cpu().clone())
             module.weight.copy_(record.dequantize(torch.float32).to(dev))
             del H

@@ -7,7 +7,9 @@ For one linear layer ``y = x @ W.T`` (``W`` ``[out, in]``) and calibration input
    mean(diag H) * I``;
 2. with act-order, columns are visited by ``diag(H)`` descending (the permutation ``perm``);
    quantization groups are runs of ``group_size`` columns *in visiting order*, so
-   ``g_idx[perm[j]] = j // group_size`` (GPTQ's ``desc_act`` without static groups);
+   ``g_idx[perm[j]] = j // group_size`` (GPTQ's ``desc_act`` without static groups); with
+   group-aware order, whole contiguous groups are visited by their largest ``diag(H)`` and the
+   columns inside each by ``diag(H)``, so the groups (and ``g_idx``) stay ``i // group_size``;
 3. ``U`` = upper Cholesky factor of ``H^-1``; for each column ``j`` (in blocks for speed): at a
    group boundary the group's scale/zero are recomputed by min-max from the *current* (already
    error-updated) weights of the group; ``q_j = quant(w_j)``; ``err = (w_j - dq_j) / U[j, j]``;
@@ -104,7 +106,8 @@ def _single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
 
 def gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
                   act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
-                  bias: Optional[torch.Tensor] = None, block_size: int = 128) -> QuantizedLinear:
+                  bias: Optional[torch.Tensor] = None, block_size: int = 128,
+                  group_aware_order: bool = False) -> QuantizedLinear:
     """Quantize ``weight`` ``[out, in]`` with GPTQ given the Hessian ``H`` ``[in, in]`` (module docstring).
 
     Args:
@@ -112,16 +115,43 @@ def gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, g
         act_order: visit columns by decreasing ``diag(H)``; records the resulting ``g_idx``.
         damp: fraction of ``mean(diag(H))`` added to the diagonal.
         min_zero: smallest zero-point (1 for the v1 "gptq" format).
+        group_aware_order: visit whole quantization groups by decreasing largest ``diag(H)``, the
+            columns inside each by decreasing ``diag(H)`` (GPTQModel's ``act_group_aware``). The
+            groups stay the contiguous ``i // group_size`` ones: no ``g_idx`` permutation, so the
+            checkpoint is a plain (non act-order) one. Excludes ``act_order``.
 
     Runs on ``H``'s device (single-threaded on CPU); the record is returned on the CPU.
     """
+    if act_order and group_aware_order:
+        raise ConfigError("--act-order and --group-aware-order are two column orders; choose one")
     with _single_threaded_on_cpu(H.device):
-        return _gptq_quantize(name, weight, H, bits, group_size, act_order, damp, min_zero, bias, block_size)
+        return _gptq_quantize(name, weight, H, bits, group_size, act_order, damp, min_zero, bias, block_size,
+                              group_aware_order)
+
+
+def _visiting_order(diag: torch.Tensor, group_size: int, act_order: bool,
+                    group_aware: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``perm`` ``[in]`` (position -> column) and ``slot`` ``[G]`` (visited group -> the group index
+    its scale/zero are stored under). Act-order makes new groups of consecutive visited columns
+    (``slot`` is the identity and ``g_idx`` follows ``perm``); group-aware order permutes whole
+    groups, so each visited group is an original one."""
+    n = diag.numel()
+    n_groups = n // group_size
+    identity = torch.arange(n_groups, device=diag.device)
+    if act_order:
+        return torch.argsort(diag, descending=True, stable=True), identity
+    if group_aware:
+        per_group = diag.view(n_groups, group_size)
+        inside = torch.argsort(per_group, dim=1, descending=True, stable=True)  # [G, gs]
+        order = torch.argsort(per_group.amax(dim=1), descending=True, stable=True)  # [G]
+        perm = (inside + identity.unsqueeze(1) * group_size)[order].reshape(-1)
+        return perm, order
+    return torch.arange(n, device=diag.device), identity
 
 
 def _gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, group_size: int,
                    act_order: bool, damp: float, min_zero: int, bias: Optional[torch.Tensor],
-                   block_size: int) -> QuantizedLinear:
+                   block_size: int, group_aware: bool) -> QuantizedLinear:
     out_features, in_features = weight.shape
     check_quant_args(name, in_features, bits, group_size)
     if H.shape != (in_features, in_features):
@@ -135,8 +165,7 @@ def _gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order \
-        else torch.arange(in_features, device=device)
+    perm, slot = _visiting_order(torch.diag(H), group_size, act_order, group_aware)
     W = W[:, perm]
     H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(in_features, dtype=torch.float64, device=device)
@@ -147,6 +176,7 @@ def _gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, 
     Q = torch.zeros_like(W)
     scales = torch.empty(n_groups, out_features, dtype=torch.float64, device=device)
     zeros = torch.empty(n_groups, out_features, dtype=torch.float64, device=device)
+    slots = slot.tolist()
     block = max(group_size, (block_size // group_size) * group_size)  # groups never straddle blocks
     for b0 in range(0, in_features, block):
         b1 = min(b0 + block, in_features)
@@ -155,10 +185,10 @@ def _gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, 
         err1 = torch.zeros_like(W1)
         for j in range(b1 - b0):
             col = b0 + j
+            g = slots[col // group_size]
             if col % group_size == 0:
-                g = col // group_size
                 scales[g], zeros[g] = _group_params(W1[:, j:j + group_size], maxq, min_zero)
-            s, z = scales[col // group_size], zeros[col // group_size]
+            s, z = scales[g], zeros[g]
             w = W1[:, j]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             Q[:, col] = q
@@ -170,7 +200,7 @@ def _gptq_quantize(name: str, weight: torch.Tensor, H: torch.Tensor, bits: int, 
     codes = torch.empty_like(Q)
     codes[:, perm] = Q
     g_idx = torch.empty(in_features, dtype=torch.int64, device=device)
-    g_idx[perm] = torch.arange(in_features, device=device) // group_size
+    g_idx[perm] = slot[torch.arange(in_features, device=device) // group_size]
     return QuantizedLinear(name=name, bits=bits, group_size=group_size, codes=codes.to(torch.uint8).cpu(),
                            scales=scales.to(torch.float32).cpu(), zeros=zeros.cpu(), g_idx=g_idx.cpu(),
                            bias=None if bias is None else bias.detach().to(torch.float32).cpu())

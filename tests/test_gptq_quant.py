@@ -44,6 +44,42 @@ def test_gptq_output_error_is_not_worse_than_rtn(bits, act_order):
     assert gptq.is_act_order == act_order
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_group_aware_order_keeps_contiguous_groups_and_beats_rtn(bits):
+    from qalora_export.gptq_quant import _visiting_order
+    from qalora_export.quant import contiguous_g_idx
+
+    gen = torch.Generator().manual_seed(10 + bits)
+    weight = torch.randn(40, 64, generator=gen, dtype=torch.float64) * 0.05
+    x = correlated_inputs(512, 64, seed=20 + bits)
+    H = hessian(x)
+    gar = gptq_quantize("l", weight, H, bits, 16, group_aware_order=True)
+    assert torch.equal(gar.g_idx, contiguous_g_idx(64, 16)) and not gar.is_act_order
+    perm, slot = _visiting_order(torch.diag(H), 16, act_order=False, group_aware=True)
+    assert sorted(perm.tolist()) == list(range(64))
+    visited = perm.view(4, 16) // 16  # every visited run of 16 columns is one whole original group
+    assert torch.equal(visited, slot.unsqueeze(1).expand(4, 16))
+    diag = torch.diag(H)
+    assert torch.all(diag[perm.view(4, 16)].diff(dim=1) <= 0)  # inside a group: decreasing diagonal
+    rtn = quantize_rtn("l", weight, bits, 16)
+
+    def output_error(layer) -> float:
+        return float((x @ (layer.dequantize(torch.float64) - weight).T).norm())
+
+    assert output_error(gar) <= output_error(rtn)
+
+
+def test_act_order_and_group_aware_order_exclude_each_other(tmp_path):
+    with pytest.raises(ConfigError, match="two column orders"):
+        gptq_quantize("l", torch.randn(4, 16), torch.eye(16), 4, 16, act_order=True, group_aware_order=True)
+    float_dir = tiny_models.make_tiny_llama(tmp_path / "float", layers=1)
+    with pytest.raises(ConfigError, match="two column orders"):
+        quantize_model(float_dir, tmp_path / "q", bits=4, group_size=16, method="gptq", act_order=True,
+                       group_aware_order=True)
+    with pytest.raises(ConfigError, match="need --method gptq"):
+        quantize_model(float_dir, tmp_path / "q", bits=4, group_size=16, group_aware_order=True)
+
+
 def test_bad_damping_is_a_config_error():
     with pytest.raises(ConfigError, match="damp"):
         gptq_quantize("l", torch.zeros(4, 16), torch.eye(16), 4, 16, damp=0.0)
@@ -90,6 +126,11 @@ def test_cli_quantize_gptq_flags(tmp_path):
     ckpt = GPTQCheckpoint(out)
     assert ckpt.config.bits == 2 and not ckpt.config.desc_act
     assert cli.main(["quantize", str(float_dir), "-o", str(tmp_path / "r"), "--act-order"]) != 0
+    gar = tmp_path / "gar"
+    assert cli.main(["quantize", str(float_dir), "-o", str(gar), "--bits", "4", "--group-size", "16",
+                     "--method", "gptq", "--group-aware-order", "--calibration-file", str(calib),
+                     "--calibration-samples", "4", "--calibration-seq-len", "16"]) == 0
+    assert not GPTQCheckpoint(gar).config.desc_act
 
 
 def test_gptq_refuses_too_little_calibration_text(tmp_path):
