@@ -5,8 +5,9 @@ windows (``gptq_quant.calibration_batch`` over the standard library's docstrings
 ``CALIBRATION_MODULES``), this quantizes the float fixture with:
 
 - min-max RTN (``quantize --method rtn``): no data, the floor every GPTQ should beat;
-- our GPTQ (``quantize --method gptq``, damping 0.01, layer by layer, float32 activations), and
-  the same with float16 activation storage (the CUDA default, run here on the CPU);
+- our GPTQ (``quantize --method gptq``, damping 0.01, layer by layer, float32 activations), the
+  same with float16 activation storage (the CUDA default, run here on the CPU), with damping
+  0.05, and with ``--group-aware-order`` (damping 0.01 and 0.05);
 - GPTQModel 7.6 matched to ours (``damp_percent=0.01``, ``act_group_aware=False``: plain GPTQ
   column order, model loaded in float32), and with its defaults (``damp_percent=0.05``,
   ``act_group_aware=True``, its default dtype, bfloat16 on CPU), each in its own process, saved
@@ -155,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-gptqmodel-defaults", action="store_true",
                         help="only run GPTQModel with our damping and column order")
     parser.add_argument("--skip-fp16", action="store_true", help="skip our GPTQ with float16 activation storage")
+    parser.add_argument("--skip-orders", action="store_true",
+                        help="skip our GPTQ with damping 0.05 and with group-aware order")
     parser.add_argument("--runtime-check", action="store_true",
                         help="also evaluate the matched GPTQModel checkpoint in transformers + GPTQModel")
     args = parser.parse_args(argv)
@@ -194,6 +197,11 @@ def main(argv=None) -> int:
                                                                          gar="default", dtype="auto")
         if not args.skip_fp16:
             variants["ours GPTQ, fp16 activations"] = dict(kind="ours", method="gptq", calibration_dtype="float16")
+        if not args.skip_orders:  # which of GPTQModel's defaults makes its difference
+            variants["ours GPTQ (damp 0.05)"] = dict(kind="ours", method="gptq", damp=0.05)
+            variants["ours GPTQ, group-aware order (damp 0.01)"] = dict(kind="ours", method="gptq", gar=True)
+            variants["ours GPTQ, group-aware order (damp 0.05)"] = dict(kind="ours", method="gptq", gar=True,
+                                                                        damp=0.05)
         for label, spec in variants.items():
             slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
             out = work / f"w{bits}g{g}-{slug}-n{calib.shape[0]}-s{args.seq_len}"
@@ -205,7 +213,8 @@ def main(argv=None) -> int:
                         kwargs = {}
                         if spec["method"] == "gptq":
                             kwargs = dict(calibration=text, n_samples=args.samples, seq_len=args.seq_len,
-                                          calibration_dtype=spec.get("calibration_dtype"))
+                                          calibration_dtype=spec.get("calibration_dtype"),
+                                          damp=spec.get("damp", 0.01), group_aware_order=spec.get("gar", False))
                         quantize_model(float_dir, out, bits, g, method=spec["method"], overwrite=True, **kwargs)
                     else:
                         run_gptqmodel(float_dir, out, bits, g, spec["damp"], spec["gar"], spec["dtype"], ids_file,
