@@ -163,7 +163,10 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
     in_features = {name: _in_features(model, name) for name in model.quantized_modules}
     layer_stats: dict[str, tuple[int, ZeroPolicyResult, object]] = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp, single_threaded_torch():
-        _, total_bytes = write_checkpoint(tmp, specs, produce, max_shard_bytes)
+        # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI
+        # opens it) hashes the base while the shards are copied; a mismatch removes the output
+        with model.fingerprint_checked():
+            _, total_bytes = write_checkpoint(tmp, specs, produce, max_shard_bytes)
         for name in model.quantized_modules:  # summary in module order, whatever the file order
             n_zeros, zres, stats = layer_stats[name]
             summary.zeros_total += n_zeros

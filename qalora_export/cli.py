@@ -131,7 +131,8 @@ def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -
     from .converters import get_converter
     from .merged import MergedModel
 
-    model = MergedModel.open(base, adapter, pooling=getattr(args, "pooling", None))
+    # --to gptq checks the adapter's base fingerprint while it copies (converters/gptq.py)
+    model = MergedModel.open(base, adapter, pooling=getattr(args, "pooling", None), defer_fingerprint=fmt == "gptq")
     converter = get_converter(fmt)
     options: dict = {"overwrite": args.overwrite}
     if fmt == "gptq":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -50,6 +51,21 @@ from .safetensors_stream import (StoredTensor, TensorSpec, write_tensor_bytes, p
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+FINGERPRINT_CHUNK = 8 << 20  # bytes per read while hashing a tensor (GPTQCheckpoint.fingerprint)
+
+
+def _hash_file_range(h, path: Path, offset: int, length: int, buffer: bytearray) -> None:
+    """``h.update`` with ``length`` bytes of ``path`` from ``offset``, read ``len(buffer)`` at a time."""
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while length:
+            n = f.readinto(view[:min(len(view), length)])
+            if not n:
+                raise CheckpointError(f"{path} ended at byte {f.tell()} while reading a tensor; the file is truncated")
+            h.update(view[:n])
+            length -= n
+
 CONFIG_FILE = "config.json"
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -398,7 +414,7 @@ class GPTQCheckpoint:
         quant = {f"{m}.{s}" for m in self.quantized_modules for s in QUANT_SUFFIXES + ("bias",)}
         return sorted(k for k in self.tensor_files if k not in quant)
 
-    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+    def fingerprint(self, version: int = FINGERPRINT_VERSION, cancel: Optional[threading.Event] = None) -> str:
         """sha256 over what decoding depends on: the config and every quantized tensor, in name order.
 
         Independent of sharding and file layout; identifies the base an adapter was trained on.
@@ -407,7 +423,9 @@ class GPTQCheckpoint:
         (v1/v2 zeros, scales re-declared as bfloat16, a reshaped tensor) no longer matches.
         Version 1 (``sha256:<hex>``, older adapters) hashes bits, group size, names and bytes only;
         :meth:`matches_fingerprint` still checks such records, with that weaker guarantee.
-        Reads every quantized tensor once (one at a time); the result is kept for later calls.
+        Reads every quantized tensor once (plain reads of its bytes in the file, a buffer of
+        :data:`FINGERPRINT_CHUNK` at a time); the result is kept for later calls. ``cancel``: an event
+        that stops the read (CheckpointError) when set, for a check run in the background.
         """
         if version not in (1, 2):
             raise ValueError(f"fingerprint version {version} is not 1 or 2")
@@ -418,24 +436,36 @@ class GPTQCheckpoint:
             h.update(json.dumps([self.config.bits, self.config.group_size], sort_keys=True).encode())
         else:
             h.update(json.dumps([self.config.bits, self.config.group_size, self.config.checkpoint_format]).encode())
+        buffer = bytearray(FINGERPRINT_CHUNK)
         for name in self.quantized_modules:
             for s in QUANT_SUFFIXES:
                 key = f"{name}.{s}"
-                if key in self.tensor_files:
-                    t = self.read_tensor(key).contiguous()
-                    h.update(key.encode())
+                if key not in self.tensor_files:
+                    continue
+                if cancel is not None and cancel.is_set():
+                    raise CheckpointError(f"{self.directory}: fingerprint cancelled")
+                stored = self.stored_tensor(key)
+                h.update(key.encode())
+                if stored is not None and stored.path.stat().st_size >= stored.offset + stored.nbytes:
+                    # the tensor's bytes as they lie in the file (safetensors is little-endian, as
+                    # the tensor's bytes are here): plain reads into one buffer, no mapping, no copy
                     if version == 2:
-                        h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
-                    h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
-                    del t
+                        h.update(json.dumps([str(stored.dtype), list(stored.shape)]).encode())
+                    _hash_file_range(h, stored.path, stored.offset, stored.nbytes, buffer)
+                    continue
+                t = self.read_tensor(key).contiguous()  # names any problem with the file
+                if version == 2:
+                    h.update(json.dumps([str(t.dtype), list(t.shape)]).encode())
+                h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+                del t
         prefix = "sha256:" if version == 1 else "sha256:v2:"
         self._fingerprints[version] = prefix + h.hexdigest()
         return self._fingerprints[version]
 
-    def matches_fingerprint(self, recorded: str) -> bool:
+    def matches_fingerprint(self, recorded: str, cancel: Optional[threading.Event] = None) -> bool:
         """Whether ``recorded`` (an adapter's ``base_fingerprint``, any version) is this base's."""
         version = 2 if recorded.startswith("sha256:v2:") else 1
-        return self.fingerprint(version) == recorded
+        return self.fingerprint(version, cancel) == recorded
 
     def close(self) -> None:
         self._handles.clear()

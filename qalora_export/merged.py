@@ -8,6 +8,7 @@ each converter decides, in its own module, whether its format holds them exactly
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -30,8 +31,9 @@ class MergedModel:
     """
 
     def __init__(self, base: GPTQCheckpoint, adapter: Optional[QALoRAAdapter] = None,
-                 check_fingerprint: bool = True):
+                 check_fingerprint: bool = True, defer_fingerprint: bool = False):
         self.base = base
+        self._fingerprint_check: Optional[_FingerprintCheck] = None
         self.adapter = adapter
         self._last_layer: Optional[QuantizedLinear] = None
         self.model_config = {k: v for k, v in base.model_config.items() if k != "quantization_config"}
@@ -43,20 +45,56 @@ class MergedModel:
                     f"(first: {unknown[0]}); it was trained on another model"
                 )
             if check_fingerprint and adapter.base_fingerprint:
-                if not isinstance(adapter.base_fingerprint, str) or not base.matches_fingerprint(adapter.base_fingerprint):
-                    actual = base.fingerprint()
-                    raise AdapterError(
-                        f"the adapter was trained on a base with fingerprint {adapter.base_fingerprint}, "
-                        f"but {base.directory} has {actual}: it is a different quantized base "
-                        f"(other weights, bits or group size). Use the base the adapter was trained on"
-                    )
+                if defer_fingerprint and isinstance(adapter.base_fingerprint, str):
+                    self._fingerprint_check = _FingerprintCheck(self)
+                else:
+                    self._check_fingerprint()
+
+    def _check_fingerprint(self, cancel: Optional[threading.Event] = None) -> None:
+        recorded = self.adapter.base_fingerprint
+        if not isinstance(recorded, str) or not self.base.matches_fingerprint(recorded, cancel):
+            actual = self.base.fingerprint()
+            raise AdapterError(
+                f"the adapter was trained on a base with fingerprint {recorded}, "
+                f"but {self.base.directory} has {actual}: it is a different quantized base "
+                f"(other weights, bits or group size). Use the base the adapter was trained on"
+            )
+
+    @contextlib.contextmanager
+    def fingerprint_checked(self) -> Iterator[None]:
+        """Run the body while a deferred base-fingerprint check (``defer_fingerprint=True``) hashes
+        the base in a background thread, and wait for it at the end: a mismatch raises the same
+        :class:`AdapterError` as the immediate check, also when the body failed first (a wrong base
+        often fails the fold too; the mismatch is the error to report). Put it inside the atomic
+        output, so that nothing is renamed into place before the check passed. Without a deferred
+        check (checked already, none recorded, no adapter) it only runs the body."""
+        check, self._fingerprint_check = self._fingerprint_check, None
+        if check is None:
+            yield
+            return
+        check.start()
+        try:
+            yield
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                mismatch = check.result(cancel=False)
+                if isinstance(mismatch, AdapterError):
+                    raise mismatch from exc
+            check.result(cancel=True)
+            raise
+        error = check.result(cancel=False)
+        if error is not None:
+            raise error
 
     @classmethod
     def open(cls, base_dir: Path | str, adapter_dir: Path | str | None = None,
-             pooling: Optional[str] = None) -> "MergedModel":
+             pooling: Optional[str] = None, defer_fingerprint: bool = False) -> "MergedModel":
+        """``defer_fingerprint``: check the adapter's base fingerprint (a full read of the base)
+        later, in the background, inside :meth:`fingerprint_checked`, which the caller's export
+        must then run (``converters/gptq.py`` does)."""
         base = GPTQCheckpoint(base_dir)
         adapter = load_adapter(Path(adapter_dir), pooling=pooling) if adapter_dir is not None else None
-        return cls(base, adapter)
+        return cls(base, adapter, defer_fingerprint=defer_fingerprint)
 
     @property
     def bits(self) -> int:
@@ -114,6 +152,32 @@ class MergedModel:
     @property
     def tokenizer_dir(self) -> Path:
         return self.base.directory
+
+
+class _FingerprintCheck:
+    """:meth:`MergedModel._check_fingerprint` in a daemon thread (hashlib and file reads release the
+    GIL, so it overlaps the export's copies); :meth:`result` joins it and returns the error, if any."""
+
+    def __init__(self, model: MergedModel):
+        self._model = model
+        self._cancel = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="qalora-fingerprint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._model._check_fingerprint(self._cancel)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def result(self, cancel: bool) -> Optional[BaseException]:
+        if cancel:
+            self._cancel.set()
+        self._thread.join()
+        return self._error
 
 
 @contextlib.contextmanager
