@@ -19,15 +19,17 @@ Peak memory is therefore the embedding, one decoder layer in float32, one layer'
 (four ``[in, in]`` sums for a LLaMA layer), two copies of the calibration hidden states
 (``n * seq * hidden`` values in ``activation_dtype``) and one chunk's intermediate activations — not
 the model. For LLaMA-7B with 128 x 512 calibration tokens: 0.8 GB layer, 1.4 GB Hessians in
-float64 (0.7 GB in float32 on CUDA), 2 x 1 GB hidden states in float32 (2 x 0.5 GB in float16).
+float64 (0.7 GB in float32 on CUDA), 2 x 1 GB hidden states in float32.
 
 Numerics: layers always compute in float32; hidden states are *stored* between layers in
-``activation_dtype`` (float32 on CPU, float16 on CUDA by default, to halve that memory).
-Hessians accumulate in float64 on CPU and float32 on CUDA (float64 GEMMs are slow on most GPUs;
-the GPTQ reference accumulates in float32); the GPTQ solve itself is float64 everywhere. With one
-chunk and CPU defaults the result is bit-identical to running GPTQ on the whole float model;
-several chunks change the float32 summation order of the layer forward (float noise; see
-``docs/results.md``).
+``activation_dtype``: float32 by default on every device; float16 or bfloat16 halve that memory
+when it matters (a 70B model's calibration set), at a measured cost: on SmolLM2 float16 storage
+gave perplexity 25.29 instead of 24.84 at 4 bits and 3105 instead of 1078 at 2 bits (its hidden
+states reach 26k, 40% of float16's range; ``docs/results.md``), and a non-finite stored value is
+refused. Hessians accumulate in float64 on CPU and float32 on CUDA (float64 GEMMs are slow on
+most GPUs; the GPTQ reference accumulates in float32); the GPTQ solve itself is float64
+everywhere. On CPU the result is bit-identical to running GPTQ on the whole float model, in one
+chunk or several (measured on SmolLM2 and the tiny test models).
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_activation_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
-    """The storage dtype of calibration hidden states: ``name``, or float32 on CPU / float16 on CUDA."""
+    """The storage dtype of calibration hidden states: ``name``, default float32 (on every device:
+    float16 storage measurably hurt GPTQ on SmolLM2; see the module docstring)."""
     if name is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if name not in ACTIVATION_DTYPES:
         raise ConfigError(f"--calibration-dtype {name!r}: choose one of {sorted(ACTIVATION_DTYPES)}")
     return ACTIVATION_DTYPES[name]
@@ -142,7 +145,7 @@ def _capture_layer_inputs(model, input_ids: torch.Tensor, rows: int, device: tor
                 model(input_ids=chunk, use_cache=False)
             except _Captured:
                 pass
-            hidden.append(captured["hidden"].to(activation_dtype))
+            hidden.append(_stored(captured["hidden"], activation_dtype, "the embedding output"))
             # Same batch size -> same mask, positions and rotary tables (windows have no padding).
             kwargs_by_rows.setdefault(chunk.shape[0], captured["kwargs"])
     finally:
@@ -150,13 +153,23 @@ def _capture_layer_inputs(model, input_ids: torch.Tensor, rows: int, device: tor
     return hidden, kwargs_by_rows
 
 
+def _stored(h: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """``h`` in the storage dtype; ConfigError when that dtype cannot hold it (float16 overflow)."""
+    out = h.to(dtype)
+    if dtype != h.dtype and not bool(torch.isfinite(out).all()):
+        raise ConfigError(
+            f"calibration activations of {where} reach {float(h.abs().max()):.4g}, beyond --calibration-dtype "
+            f"{str(dtype).removeprefix('torch.')}; use --calibration-dtype float32 (default) or bfloat16")
+    return out
+
+
 def _run_layer(layer, hidden: list[torch.Tensor], kwargs_by_rows: dict[int, dict],
-               activation_dtype: torch.dtype) -> list[torch.Tensor]:
+               activation_dtype: torch.dtype, where: str) -> list[torch.Tensor]:
     """The layer's outputs for every chunk, computed in float32, stored in ``activation_dtype``."""
     out = []
     for h in hidden:
         result = layer(h.to(torch.float32), **kwargs_by_rows[h.shape[0]])
-        out.append((result[0] if isinstance(result, tuple) else result).to(activation_dtype))
+        out.append(_stored(result[0] if isinstance(result, tuple) else result, activation_dtype, where))
     return out
 
 
@@ -176,8 +189,8 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
         quantize: module paths to quantize (default every ``*_proj`` linear of every layer);
             projections not in it keep their float weight for the calibration forward.
         device: "cpu" or "cuda[:n]": where the current layer, the hidden states and the Hessians live.
-        activation_dtype: "float32", "float16" or "bfloat16" storage of the hidden states
-            between layers (default float32 on CPU, float16 on CUDA).
+        activation_dtype: "float32" (default), "float16" or "bfloat16" storage of the hidden
+            states between layers.
         batch_tokens: calibration tokens per forward chunk (bounds the layer's intermediate
             activations; at least one window per chunk).
         progress: called with each projection's module path before it is quantized.
@@ -215,7 +228,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
             on_layer(name, record, module.weight.detach().cpu().clone())
             module.weight.copy_(record.dequantize(torch.float32).to(dev))
             del H
-        hidden = _run_layer(layer, hidden, kwargs_by_rows, act_dtype)
+        hidden = _run_layer(layer, hidden, kwargs_by_rows, act_dtype, prefix)
         release_module(layer)
 
 

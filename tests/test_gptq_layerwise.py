@@ -91,6 +91,18 @@ def test_float16_activation_storage_stays_close(tmp_path):
     assert differing / total < 0.02, (differing, total)
 
 
+def test_float16_overflow_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    float_dir = tiny_models.make_tiny_llama(tmp_path / "float", layers=1)
+    state = load_file(float_dir / "model.safetensors")
+    state["model.embed_tokens.weight"] = state["model.embed_tokens.weight"] * 1e6  # |h| ~ 1e5 > 65504
+    save_file(state, float_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="beyond --calibration-dtype float16"):
+        run_layerwise(float_dir, activation_dtype="float16")
+    assert len(run_layerwise(float_dir, activation_dtype="bfloat16")) == 7
+
+
 def test_device_and_dtype_flags_are_checked(tmp_path):
     float_dir = tiny_models.make_tiny_llama(tmp_path / "float", layers=1)
     text = random_text(4 * 16, 1)
