@@ -18,6 +18,7 @@ floor (rule and constants in ``gguf_spec.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from qalora_export.packing import WORD_BITS, unpack_codes
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.tokenizer_check import check_tokenizer_matches
 from qalora_export.weight_rows import WeightRows
+from qalora_export.write_behind import WriteBehind
 
 from . import gguf_spec as spec
 from .gguf_spec import WEIGHT_ATOL, WEIGHT_TOLERANCE  # noqa: F401  (part of the converter contract)
@@ -533,13 +535,22 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in tensors:
-            data = t.produce()
-            if data.nbytes != t.nbytes:
-                raise FormatLimitError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            writer.write_tensor_data(data)
-            if progress is not None:
-                progress(t.name)
+        # tensor i is written by a writer thread while tensor i + 1 is computed (at most 2 in flight)
+        behind = WriteBehind(max_in_flight=2, name="qalora-gguf-writer")
+        try:
+            for t in tensors:
+                behind.reserve()
+                data = t.produce()
+                if data.nbytes != t.nbytes:
+                    raise FormatLimitError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+                behind.submit(functools.partial(writer.write_tensor_data, data))
+                del data
+                if progress is not None:
+                    progress(t.name)
+        except BaseException:
+            behind.abort()
+            raise
+        behind.close()
         writer.close()
 
     return {
