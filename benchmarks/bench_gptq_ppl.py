@@ -6,8 +6,9 @@ windows (``gptq_quant.calibration_batch`` over the standard library's docstrings
 
 - min-max RTN (``quantize --method rtn``): no data, the floor every GPTQ should beat;
 - our GPTQ (``quantize --method gptq``, damping 0.01, layer by layer, float32 activations), the
-  same with float16 activation storage (the CUDA default, run here on the CPU), with damping
-  0.05, and with ``--group-aware-order`` (damping 0.01 and 0.05);
+  same with float16 activation storage, with damping 0.05, with ``--group-aware-order`` (damping
+  0.01 and 0.05), and with ``--group-aware-order --true-sequential`` at damping 0.05 (GPTQModel's
+  default algorithm);
 - GPTQModel 7.6 matched to ours (``damp_percent=0.01``, ``act_group_aware=False``: plain GPTQ
   column order, model loaded in float32), and with its defaults (``damp_percent=0.05``,
   ``act_group_aware=True``, its default dtype, bfloat16 on CPU), each in its own process, saved
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
             variants["ours GPTQ, group-aware order (damp 0.01)"] = dict(kind="ours", method="gptq", gar=True)
             variants["ours GPTQ, group-aware order (damp 0.05)"] = dict(kind="ours", method="gptq", gar=True,
                                                                         damp=0.05)
+            variants["ours GPTQ, group-aware order, true-sequential (damp 0.05)"] = dict(
+                kind="ours", method="gptq", gar=True, damp=0.05, true_sequential=True)
         for label, spec in variants.items():
             slug = "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
             out = work / f"w{bits}g{g}-{slug}-n{calib.shape[0]}-s{args.seq_len}"
@@ -214,7 +217,8 @@ def main(argv=None) -> int:
                         if spec["method"] == "gptq":
                             kwargs = dict(calibration=text, n_samples=args.samples, seq_len=args.seq_len,
                                           calibration_dtype=spec.get("calibration_dtype"),
-                                          damp=spec.get("damp", 0.01), group_aware_order=spec.get("gar", False))
+                                          damp=spec.get("damp", 0.01), group_aware_order=spec.get("gar", False),
+                                          true_sequential=spec.get("true_sequential", False))
                         quantize_model(float_dir, out, bits, g, method=spec["method"], overwrite=True, **kwargs)
                     else:
                         run_gptqmodel(float_dir, out, bits, g, spec["damp"], spec["gar"], spec["dtype"], ids_file,

@@ -81,7 +81,7 @@ def cmd_quantize(args) -> int:
                                  act_order=args.act_order, calibration=calibration,
                                  n_samples=args.calibration_samples, seq_len=args.calibration_seq_len,
                                  damp=args.damp, device=args.device, calibration_dtype=args.calibration_dtype,
-                                 group_aware_order=args.group_aware_order)
+                                 group_aware_order=args.group_aware_order, true_sequential=args.true_sequential)
     finally:
         bar.close()
     _print_summary(f"quantized {args.model} -> {args.output} in {time.time() - t0:.1f}s", summary.__dict__)
@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-aware-order", action="store_true",
                    help="gptq: visit whole groups by their largest Hessian diagonal, columns inside by theirs "
                         "(GPTQModel's act_group_aware); groups stay contiguous, no g_idx permutation")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="gptq: inside each decoder layer, calibrate q/k/v, then o, then gate/up, then down on the "
+                        "outputs of the already quantized ones (one calibration pass per set)")
     p.add_argument("--calibration-file", type=Path, default=None,
                    help="gptq: UTF-8 text to calibrate on (default: the Python standard library's docstrings, offline)")
     p.add_argument("--calibration-samples", type=int, default=128, help="gptq: calibration windows")

@@ -178,7 +178,8 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
                             act_order: bool = False, damp: float = DEFAULT_DAMP, min_zero: int = 0,
                             quantize: Optional[set[str]] = None, device: str = "cpu",
                             activation_dtype: Optional[str] = None, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                            progress: Optional[Callable[[str], None]] = None, group_aware_order: bool = False) -> None:
+                            progress: Optional[Callable[[str], None]] = None, group_aware_order: bool = False,
+                            true_sequential: bool = False) -> None:
     """GPTQ every ``*_proj`` of a LLaMA-family float model, one decoder layer in memory at a time.
 
     Args:
@@ -195,6 +196,10 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
             activations; at least one window per chunk).
         progress: called with each projection's module path before it is quantized.
         group_aware_order: GPTQ column order (:func:`qalora_export.gptq_quant.gptq_quantize`).
+        true_sequential: inside each decoder layer, quantize the projections fed by one input
+            (q/k/v, then o, then gate/up, then down) one set at a time, each calibrated on what the
+            already quantized ones produce (GPTQModel's ``true_sequential``): one calibration pass
+            per set instead of one per layer.
     """
     dev = resolve_device(device)
     act_dtype = resolve_activation_dtype(activation_dtype, dev)
@@ -218,18 +223,45 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
         linears = {f"{prefix}.{n}": m for n, m in layer.named_modules()
                    if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1].endswith("_proj")
                    and (quantize is None or f"{prefix}.{n}" in quantize)}
-        hessians = _layer_hessians(layer, linears, hidden, kwargs_by_rows, hessian_dtype)
-        for name, module in linears.items():
-            if progress:
-                progress(name)
-            H, count = hessians.pop(name)  # shared with q/k/v or gate/up: gptq_quantize copies it
-            record = gptq_quantize(name, module.weight, H / count, bits, group_size, act_order, damp, min_zero,
-                                   bias=module.bias, group_aware_order=group_aware_order)
-            on_layer(name, record, module.weight.detach().cpu().clone())
-            module.weight.copy_(record.dequantize(torch.float32).to(dev))
-            del H
+        stages = _input_sets(layer, linears, hidden[0], kwargs_by_rows) if true_sequential else [list(linears)]
+        for stage in stages:
+            hessians = _layer_hessians(layer, {n: linears[n] for n in stage}, hidden, kwargs_by_rows, hessian_dtype)
+            for name in stage:
+                module = linears[name]
+                if progress:
+                    progress(name)
+                H, count = hessians.pop(name)  # shared with q/k/v or gate/up: gptq_quantize copies it
+                record = gptq_quantize(name, module.weight, H / count, bits, group_size, act_order, damp, min_zero,
+                                       bias=module.bias, group_aware_order=group_aware_order)
+                on_layer(name, record, module.weight.detach().cpu().clone())
+                module.weight.copy_(record.dequantize(torch.float32).to(dev))
+                del H
         hidden = _run_layer(layer, hidden, kwargs_by_rows, act_dtype, prefix)
         release_module(layer)
+
+
+def _input_sets(layer, linears: dict[str, torch.nn.Linear], sample: torch.Tensor,
+                kwargs_by_rows: dict[int, dict]) -> list[list[str]]:
+    """The projections grouped by the input tensor they are fed, in execution order
+    (``[[q, k, v], [o], [gate, up], [down]]`` for LLaMA), from one forward of one chunk."""
+    sets: list[list[str]] = []
+    last: dict = {"input": None}
+
+    def hook_for(name: str):
+        def hook(module, args):
+            if args[0] is not last["input"]:
+                sets.append([])
+                last["input"] = args[0]
+            sets[-1].append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in linears.items()]
+    try:
+        layer(sample.to(torch.float32), **kwargs_by_rows[sample.shape[0]])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sets
 
 
 def _layer_hessians(layer, linears: dict[str, torch.nn.Linear], hidden: list[torch.Tensor],

@@ -47,7 +47,8 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
                    max_shard_bytes: int = 2 * 1024**3, method: str = "rtn", act_order: bool = False,
                    calibration: Optional[str] = None, n_samples: int = 128, seq_len: int = 512,
                    damp: float = 0.01, device: str = "cpu",
-                   calibration_dtype: Optional[str] = None, group_aware_order: bool = False) -> QuantizeSummary:
+                   calibration_dtype: Optional[str] = None, group_aware_order: bool = False,
+                   true_sequential: bool = False) -> QuantizeSummary:
     """Quantize ``model_path`` (HF directory or GGUF) into the GPTQ checkpoint ``out_dir``.
 
     Args:
@@ -59,6 +60,8 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
         act_order: GPTQ only: visit columns by decreasing Hessian diagonal (desc_act, g_idx).
         group_aware_order: GPTQ only: visit whole groups by their largest Hessian diagonal, columns
             inside by theirs (GPTQModel's act_group_aware); groups stay contiguous (no g_idx).
+        true_sequential: GPTQ only: inside each decoder layer, calibrate each set of projections
+            (q/k/v, o, gate/up, down) on the outputs of the already quantized ones.
         calibration: GPTQ calibration text; default the standard library's docstrings
             (:func:`qalora_export.gptq_quant.calibration_text`), offline.
         n_samples / seq_len: GPTQ calibration windows (consecutive token windows of the text).
@@ -70,9 +73,9 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
     """
     if method not in ("rtn", "gptq"):
         raise ConfigError(f"--method {method!r}: choose rtn or gptq")
-    if method != "gptq" and (act_order or group_aware_order or calibration is not None):
-        raise ConfigError("--act-order, --group-aware-order and --calibration-file need --method gptq (RTN uses no "
-                          "data and no column order)")
+    if method != "gptq" and (act_order or group_aware_order or true_sequential or calibration is not None):
+        raise ConfigError("--act-order, --group-aware-order, --true-sequential and --calibration-file need --method "
+                          "gptq (RTN uses no data and no column order)")
     if act_order and group_aware_order:
         raise ConfigError("--act-order and --group-aware-order are two column orders; choose one")
     if method != "gptq" and (device != "cpu" or calibration_dtype is not None):
@@ -113,7 +116,7 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
 
         if method == "gptq":
             _gptq_layers(source, tmp, linear, bits, group_size, act_order, calibration, n_samples, seq_len, damp,
-                         min_zero, device, calibration_dtype, write_layer, progress, group_aware_order)
+                         min_zero, device, calibration_dtype, write_layer, progress, group_aware_order, true_sequential)
         for name in names:
             if name in linear:
                 if method == "gptq":
@@ -144,7 +147,7 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
 def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: int, act_order: bool,
                  calibration: Optional[str], n_samples: int, seq_len: int, damp: float, min_zero: int,
                  device: str, calibration_dtype: Optional[str], write_layer, progress,
-                 group_aware_order: bool) -> None:
+                 group_aware_order: bool, true_sequential: bool) -> None:
     """Tokenize the calibration windows, then GPTQ decoder layer by decoder layer, each projection
     handed to ``write_layer`` when done (:func:`qalora_export.gptq_layerwise.gptq_quantize_layerwise`)."""
     from transformers import AutoTokenizer
@@ -165,7 +168,7 @@ def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: in
 
     gptq_quantize_layerwise(source, ids, bits, group_size, sink, act_order=act_order, damp=damp, min_zero=min_zero,
                             quantize=wanted, device=device, activation_dtype=calibration_dtype, progress=progress,
-                            group_aware_order=group_aware_order)
+                            group_aware_order=group_aware_order, true_sequential=true_sequential)
     if done != wanted:
         missing = sorted(wanted - done)
         raise UnsupportedModelError(

@@ -91,6 +91,29 @@ def test_float16_activation_storage_stays_close(tmp_path):
     assert differing / total < 0.02, (differing, total)
 
 
+def test_true_sequential_calibrates_each_input_set_on_the_quantized_ones_before_it(tmp_path):
+    float_dir = tiny_models.make_tiny_llama(tmp_path / "float", layers=2)
+    model = gptq_layerwise.build_skeleton(open_float_model(float_dir).model_config)
+    layer = model.model.layers[0]
+    gptq_layerwise.materialize_module(layer, "model.layers.0", open_float_model(float_dir), torch.device("cpu"))
+    linears = {f"model.layers.0.{n}": m for n, m in layer.named_modules() if n.endswith("_proj")}
+    hidden = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(0))
+    rotary = type(model.model.rotary_emb)(config=model.config)
+    positions = torch.arange(8).unsqueeze(0).expand(2, 8)
+    kwargs = {2: {"position_embeddings": rotary(hidden, positions), "attention_mask": None}}
+    sets = gptq_layerwise._input_sets(layer, linears, hidden, kwargs)
+    assert [[n.rsplit(".", 1)[-1] for n in s] for s in sets] == [
+        ["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+    plain = run_layerwise(float_dir)
+    sequential = run_layerwise(float_dir, true_sequential=True)
+    first = [n for n in plain if n.startswith("model.layers.0.self_attn.") and not n.endswith("o_proj")]
+    for name in first:  # the first set sees the same (unquantized) input either way
+        assert torch.equal(plain[name].codes, sequential[name].codes), name
+    later = [n for n in plain if n not in first]
+    assert any(not torch.equal(plain[n].codes, sequential[n].codes) for n in later)
+
+
 def test_float16_overflow_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 
