@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
+from qalora_export.direct_io import DirectWriter
 from qalora_export.io_utils import atomic_output_file, atomic_output_files
 from qalora_export.merged import MergedModel, single_threaded_torch
 from qalora_export.packing import WORD_BITS, unpack_codes
@@ -308,10 +309,16 @@ class _RowBlocks:
         self.nbytes = nbytes
         self._blocks = blocks
 
+    @classmethod
+    def of(cls, array: np.ndarray) -> "_RowBlocks":
+        """One array as a single block."""
+        return cls(array.nbytes, lambda: iter((array,)))
+
     def tofile(self, fout) -> None:
+        """Write the blocks to ``fout``, any object with ``write`` (a :class:`DirectWriter`, a file)."""
         written = 0
         for block in self._blocks():
-            block.tofile(fout)
+            fout.write(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
             written += block.nbytes
         if written != self.nbytes:
             raise RuntimeError(f"row blocks held {written} bytes, planned {self.nbytes}")
@@ -531,10 +538,15 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
     files = writer.format_shard_names(out)  # [out], or out's directory / "<stem>-00001-of-0000N.gguf" ..
     if len(files) == 1:
         writer.split_max_size = 0  # one file: no split keys (and no warning from gguf-py that it did not split)
-    with _atomic_gguf_output(out, files, overwrite) as tmp, single_threaded_torch():
+    # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI opens
+    # it) hashes the base while the tensors are converted; a mismatch removes the output
+    with _atomic_gguf_output(out, files, overwrite) as tmp, single_threaded_torch(), model.fingerprint_checked():
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        # the tensor data (GBs) goes around the page cache: each file continues as a DirectWriter
+        # where gguf-py's header ends (qalora_export/direct_io.py)
+        writer.fout = [_continue_direct(f) for f in writer.fout]
         # tensor i is written by a writer thread while tensor i + 1 is computed (at most 2 in flight)
         behind = WriteBehind(max_in_flight=2, name="qalora-gguf-writer")
         try:
@@ -543,12 +555,16 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
                 data = t.produce()
                 if data.nbytes != t.nbytes:
                     raise FormatLimitError(f"{t.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-                behind.submit(functools.partial(writer.write_tensor_data, data))
+                if isinstance(data, np.ndarray):
+                    data = _RowBlocks.of(data)
+                behind.submit(functools.partial(_write_tensor_data, writer, data))
                 del data
                 if progress is not None:
                     progress(t.name)
         except BaseException:
             behind.abort()
+            for f in writer.fout:
+                f.abort()
             raise
         behind.close()
         writer.close()
@@ -571,6 +587,24 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
                       "add_bos": tok.add_bos, "chat_template": tok.chat_template is not None},
         "notes": list(hp.notes),
     }
+
+
+def _continue_direct(fout) -> DirectWriter:
+    """gguf-py's output file (header, metadata and tensor infos written) continued as a
+    :class:`DirectWriter` at the same position."""
+    fout.flush()
+    at, name = fout.tell(), fout.name
+    fout.close()
+    return DirectWriter(name, at)
+
+
+def _write_tensor_data(writer, data: "_RowBlocks") -> None:
+    """``writer.write_tensor_data(data)``, then close the file it went to if that was its last
+    tensor (a split file's buffers are freed as soon as it is complete)."""
+    index = next(i for i, infos in enumerate(writer.tensors) if infos)
+    writer.write_tensor_data(data)
+    if not writer.tensors[index]:
+        writer.fout[index].close()
 
 
 @contextlib.contextmanager

@@ -285,13 +285,17 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
 
     cfg = decoder_config(model.model_config)
     out = Path(out)
-    with atomic_output_dir(out, overwrite) as tmp, single_threaded_torch():
+    # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI opens
+    # it) hashes the base while the layers are encoded; a mismatch removes the output
+    with atomic_output_dir(out, overwrite) as tmp, single_threaded_torch(), model.fingerprint_checked():
         external = ExternalData(tmp / DATA_FILE)
         try:
             proto = build_decoder(model.model_config, linear, lambda n: _tensor_np(model, n), external,
                                   dtype=dtype, accuracy_level=accuracy_level, metadata=metadata)
-        finally:
-            external.close()
+        except BaseException:
+            external.abort()
+            raise
+        external.close()
         for key, value in (late_metadata() if late_metadata else {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value

@@ -38,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qalora_export.direct_io import DirectWriter
 from qalora_export.errors import UnsupportedModelError
 
 from . import onnx_spec as spec
@@ -166,7 +167,8 @@ class ExternalData:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._file = open(self.path, "wb")
+        # several GB: written around the page cache by a writer thread (qalora_export/direct_io.py)
+        self._file = DirectWriter(self.path)
         self._offset = 0
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
@@ -201,7 +203,12 @@ class ExternalData:
         return tensor
 
     def close(self) -> None:
+        """Write what is buffered and close; raises a failed write's ``OSError``."""
         self._file.close()
+
+    def abort(self) -> None:
+        """Close without finishing (the export failed and its output is removed); never raises."""
+        self._file.abort()
 
 
 class GraphBuilder:
