@@ -83,7 +83,8 @@ _SPREAD_2_TO_4 = ((16, 0x0000FFFF0000FFFF), (8, 0x00FF00FF00FF00FF), (4, 0x0F0F0
                   (2, 0x3333333333333333))
 
 
-def pack_q4_1_from_packed(packed: np.ndarray, bits: int, d: np.ndarray, m: np.ndarray) -> np.ndarray:
+def pack_q4_1_from_packed(packed: np.ndarray, bits: int, d: np.ndarray, m: np.ndarray,
+                          out: Optional[np.ndarray] = None) -> np.ndarray:
     """Q4_1 blocks from codes still packed ``8 / bits`` to a byte, with whole-word shuffles.
 
     ``packed`` holds each 32-code block as ``32 * bits / 8`` bytes, code ``t`` in bits
@@ -98,9 +99,11 @@ def pack_q4_1_from_packed(packed: np.ndarray, bits: int, d: np.ndarray, m: np.nd
     Args:
         packed: uint8 ``[rows, nb, 4 * bits]``; bits: 2, 4 or 8 (values ``<= Q4_1_MAX_CODE``).
         d, m: float16 ``[rows, nb]``.
+        out: uint8 C-contiguous ``[rows, nb * 20]`` to write into (a row block of a larger
+            array), or None for a new array.
 
     Returns:
-        uint8 ``[rows, nb * 20]``, equal to :func:`pack_q4_1` of the unpacked codes.
+        uint8 ``[rows, nb * 20]`` (``out`` if given), equal to :func:`pack_q4_1` of the unpacked codes.
     """
     if bits not in PACKED_CODE_BITS:
         raise ValueError(f"packed codes must be {PACKED_CODE_BITS}-bit, got {bits}")
@@ -108,12 +111,16 @@ def pack_q4_1_from_packed(packed: np.ndarray, bits: int, d: np.ndarray, m: np.nd
     if nbytes != QK4_1 * bits // 8 or d.shape != (rows, nb) or m.shape != (rows, nb):
         raise ValueError(f"packed {packed.shape}, d {d.shape}, m {m.shape}: expected [{rows}, {nb}, "
                          f"{QK4_1 * bits // 8}] and [{rows}, {nb}]")
-    blocks = np.empty((rows, nb, Q4_1_BLOCK_BYTES), dtype=np.uint8)
+    if out is None:
+        out = np.empty((rows, nb * Q4_1_BLOCK_BYTES), dtype=np.uint8)
+    elif out.shape != (rows, nb * Q4_1_BLOCK_BYTES) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 [{rows}, {nb * Q4_1_BLOCK_BYTES}], got {out.dtype} {out.shape}")
+    blocks = out.reshape(rows, nb, Q4_1_BLOCK_BYTES)
     words = blocks.view("<u4")  # [rows, nb, 5]: d | m << 16, then qs as four little-endian words
     words[..., 0] = (np.asarray(d, dtype="<f2").view("<u2").astype(np.uint32)
                      | np.asarray(m, dtype="<f2").view("<u2").astype(np.uint32) << np.uint32(16))
     words[..., 1:] = _q4_1_qs(np.ascontiguousarray(packed), bits).view("<u4")
-    return blocks.reshape(rows, nb * Q4_1_BLOCK_BYTES)
+    return out
 
 
 def _q4_1_qs(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -53,7 +53,12 @@ def _layer(bits: int, group_size: int, groups: int, out: int, seed: int) -> tupl
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("permuted", [False, True])
-def test_encode_from_qweight_equals_encode_from_codes(bits, group_size, permuted):
+@pytest.mark.parametrize("row_block_bytes", [None, 1, 3000])
+def test_encode_from_qweight_equals_encode_from_codes(bits, group_size, permuted, row_block_bytes, monkeypatch):
+    """``row_block_bytes``: the layer built in one block (None), a row at a time (1), or in uneven
+    blocks of 93 / 46 / 31 / 23 rows (3000)."""
+    if row_block_bytes is not None:
+        monkeypatch.setattr(G, "Q4_1_ROW_BLOCK_BYTES", row_block_bytes)
     for groups, out, heads in ((1, 32, 1), (3, 64, 4), (2, 96, 3)):
         layer, qweight = _layer(bits, group_size, groups, out, seed=bits * 100 + group_size + out)
         perm = spec.qk_row_permutation(out, heads) if permuted else None
@@ -84,6 +89,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=bits, group_size=group_size, checkpoint_format=fmt,
                                       hidden=128, intermediate=256, seed=bits + group_size)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4, seed=group_size)
+    monkeypatch.setattr(G, "Q4_1_ROW_BLOCK_BYTES", 5000)  # several uneven row blocks a layer
     fast = G.export(MergedModel.open(base, adapter), tmp_path / "fast.gguf")
     with monkeypatch.context() as patched:
         slow_model = MergedModel.open(base, adapter)
