@@ -117,7 +117,7 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
         if not relayable(layer):
             raise ValueError(f"{layer.name}: {layer.bits}-bit{' act-order' if perm is not None else ''} codes "
                              f"cannot be re-laid from qweight; pass the record with its codes")
-        b = spec.b_from_qweight(qweight, bits, block_size)
+        b = spec.BFromQweight(qweight, bits, block_size)  # laid out a row block at a time as it is written
     else:
         codes = layer.codes.numpy()
         b = spec.pack_b(codes if perm is None else codes[:, perm], bits, block_size)
@@ -201,7 +201,8 @@ def max_abs_weight(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.n
     """``max |scale * (q - zero)|`` over the layer, reading the codes of only a few blocks of ``B``.
 
     Args:
-        b: uint8 ``[N, k_blocks, blob]``; scales64, zeros64: float64 ``[N, k_blocks]``.
+        b: uint8 ``[N, k_blocks, blob]`` (or a :class:`~onnx_spec.BFromQweight`);
+            scales64, zeros64: float64 ``[N, k_blocks]``.
 
     Equals the maximum over blocks of ``max(|scale * (min_q - zero)|, |scale * (max_q - zero)|)``
     bit for bit. A block's value is at most ``|scale| * max(|0 - zero|, |2**bits - 1 - zero|)``
@@ -221,10 +222,11 @@ def max_abs_weight(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.n
     else:
         top, rest = np.arange(bound.size), -np.inf
     rows, blocks = np.divmod(top, k_blocks)
-    best = _blocks_max_abs(b[rows, blocks], bits, scales64[rows, blocks], zeros64[rows, blocks])
+    picked = b.take(rows, blocks) if isinstance(b, spec.BFromQweight) else b[rows, blocks]
+    best = _blocks_max_abs(picked, bits, scales64[rows, blocks], zeros64[rows, blocks])
     if best >= rest:
         return best
-    return _blocks_max_abs(b, bits, scales64, zeros64)
+    return _blocks_max_abs(np.asarray(b), bits, scales64, zeros64)
 
 
 def _blocks_max_abs(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.ndarray) -> float:

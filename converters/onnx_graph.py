@@ -106,20 +106,35 @@ def decoder_config(model_config: dict) -> DecoderConfig:
 def rotary_caches(model_config: dict, length: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin caches float32 ``[length, head_dim / 2]``, computed as transformers does.
 
-    Uses the model's own rotary module (any ``rope_type``: default, llama3, linear, ...), so the
-    frequencies and ``attention_scaling`` are transformers' own; positions and products in float32.
+    The frequencies and ``attention_scaling`` are those of transformers' ``LlamaRotaryEmbedding``
+    (any ``rope_type``: default, llama3, linear, ...; tests/converters/test_onnx_rotary.py checks
+    equality bit for bit); positions and products in float32.
     """
     import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from qalora_export.model import hf_config_from
 
-    rot = LlamaRotaryEmbedding(config=hf_config_from(model_config))
-    inv_freq = rot.inv_freq.to(torch.float32)
+    inv_freq, scaling = _rope_parameters(hf_config_from(model_config))
     t = torch.arange(length, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
+    freqs = torch.outer(t, inv_freq.to(torch.float32))
+    scaling = float(scaling)
     return (freqs.cos() * scaling).numpy(), (freqs.sin() * scaling).numpy()
+
+
+def _rope_parameters(config) -> tuple["torch.Tensor", float]:
+    """``(inv_freq, attention_scaling)`` as ``LlamaRotaryEmbedding(config)`` computes them, without
+    importing transformers' modeling code (2 s of an export): the default rope is its
+    ``compute_default_rope_parameters``, every other type transformers' ``ROPE_INIT_FUNCTIONS``."""
+    import torch
+
+    rope = config.rope_parameters
+    if rope["rope_type"] == "default":
+        base = rope["rope_theta"]
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[rope["rope_type"]](config)
 
 
 @dataclass
@@ -127,7 +142,8 @@ class NBitsLinear:
     """One projection as MatMulNBits inputs (layouts: ``onnx_spec``).
 
     Attributes:
-        b: uint8 ``[N, k_blocks, block_size * bits / 8]``.
+        b: uint8 ``[N, k_blocks, block_size * bits / 8]``, or a :class:`onnx_spec.BFromQweight`
+            that lays it out from the GPTQ words a row block at a time as it is written.
         scales: ``[N, k_blocks]`` in the io dtype.
         zero_points: packed uint8 ``[N, ceil(k_blocks * bits / 8)]`` or io dtype ``[N, k_blocks]``.
         perm: int64 ``[K]`` or None: the node computes ``x[..., perm] @ W'.T`` where ``W'`` holds
@@ -142,7 +158,7 @@ class NBitsLinear:
     n: int
     bits: int
     block_size: int
-    b: np.ndarray
+    b: Union[np.ndarray, spec.BFromQweight]
     scales: np.ndarray
     zero_points: np.ndarray
     perm: Optional[np.ndarray] = None
@@ -355,7 +371,8 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
                     perm_gathers[key] = gb.node("Gather", [x, idx], f"/{module}/PermuteInput", axis=-1)
                 x = perm_gathers[key]
             ins = [x,
-                   gb.initializer(f"{module}.MatMulNBits.B", lin.b),
+                   (gb.initializer_blocks(f"{module}.MatMulNBits.B", np.uint8, lin.b.shape, lin.b.row_blocks)
+                    if isinstance(lin.b, spec.BFromQweight) else gb.initializer(f"{module}.MatMulNBits.B", lin.b)),
                    gb.initializer(f"{module}.MatMulNBits.scales", as_io(lin.scales)),
                    gb.initializer(f"{module}.MatMulNBits.zero_points",
                                   lin.zero_points if lin.zero_points.dtype == np.uint8 else as_io(lin.zero_points))]

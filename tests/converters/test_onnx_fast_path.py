@@ -17,7 +17,7 @@ import tiny_models
 from qalora_export.converters import onnx as onnx_converter
 from qalora_export.converters import onnx_spec as spec
 from qalora_export.merged import MergedModel
-from qalora_export.packing import unpack_codes
+from qalora_export.packing import pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -67,6 +67,26 @@ def test_max_abs_weight_equals_every_block_rule(bits, code_span, candidates, mon
         scales = rng.uniform(-0.1, 0.1, size=(n, k_blocks))  # negative scales too: |scale| is what counts
         zeros = rng.integers(0, maxq + 1, size=(n, k_blocks)) + rng.normal(0, 0.8, size=(n, k_blocks))
         assert onnx_converter.max_abs_weight(b, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
+        lazy = spec.BFromQweight(pack_codes(torch.from_numpy(codes.T.astype(np.uint8)), bits, dim=0).numpy(), bits, block)
+        assert onnx_converter.max_abs_weight(lazy, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_lazy_b_row_blocks_take_and_array_equal_b_from_qweight(bits, block_size):
+    rng = np.random.default_rng(bits * 7 + block_size)
+    for n, blocks in ((1, 1), (7, 3), (33, 5)):
+        qweight = rng.integers(-2**31, 2**31, size=(blocks * block_size * bits // 32, n), dtype=np.int64).astype(np.int32)
+        whole = spec.b_from_qweight(qweight, bits, block_size)
+        lazy = spec.BFromQweight(qweight, bits, block_size)
+        assert lazy.shape == whole.shape and lazy.nbytes == whole.nbytes
+        np.testing.assert_array_equal(np.asarray(lazy), whole)
+        for block_bytes in (1, whole.shape[1] * whole.shape[2] * 2 + 1, 1 << 20):  # a row, uneven, one block
+            parts = list(lazy.row_blocks(block_bytes))
+            assert all(p.flags.c_contiguous and p.dtype == np.uint8 for p in parts)
+            np.testing.assert_array_equal(np.concatenate(parts), whole)
+        rows, cols = rng.integers(0, n, 11), rng.integers(0, blocks, 11)
+        np.testing.assert_array_equal(lazy.take(rows, cols), whole[rows, cols])
 
 
 def _slow_path(monkeypatch):
@@ -108,6 +128,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     model = MergedModel.open(base, adapter)
     # uint8 zero-points hold only integral zeros: round and report (the rounding report reads max |W|)
     options = {"zero_points": zero_points, "allow_rounding": zero_points == "uint8"}
+    monkeypatch.setattr(spec, "B_ROW_BLOCK_BYTES", 1000)  # B written in several uneven row blocks
     fast = onnx_converter.export(model, tmp_path / "fast", **options)
     assert fast["max_weight_rel_error"] > 0  # the max |W| report is exercised
     with monkeypatch.context() as patched:
