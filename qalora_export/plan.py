@@ -33,16 +33,14 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 # Fitted to the measured peaks (docs/scale.md: 7B-shaped at 8/32 layers, 70B-shaped at 1/2 layers),
 # not derived: a process baseline (python, torch, numpy, safetensors and the format's imports:
-# onnx and transformers for ONNX)
-BASELINE_BYTES = {"gptq": 320 << 20, "onnx": 530 << 20, "gguf": 360 << 20}
+# onnx and transformers' configuration code for ONNX; gguf-py and the writer threads' buffers for
+# GGUF)
+BASELINE_BYTES = {"gptq": 320 << 20, "onnx": 435 << 20, "gguf": 500 << 20}
 # ... bytes per weight of the largest quantized linear while it is converted (gptq: the fingerprint
-# check's one tensor, tensors are otherwise copied file to file; onnx: qweight and its transposed
-# copy, MatMulNBits B; gguf: qweight, its transposed bytes, the nibble shuffle's halves and the
-# Q4_1 blocks)
-BYTES_PER_WEIGHT = {"gptq": 0.3, "onnx": 1.5, "gguf": 3.75}
-# ... or copies of the largest float tensor alive at once (ONNX holds the fp16 lm-head table and
-# writes it widened and transposed in 32 MB blocks; GPTQ copies tables file to file and GGUF
-# converts them in row blocks), whichever is larger.
+# check's one tensor, tensors are otherwise copied file to file; onnx: qweight, MatMulNBits B being
+# laid out 1 MB at a time; gguf: qweight and its Q4_1 blocks, and the previous tensor's blocks
+# still queued for the writer thread)
+BYTES_PER_WEIGHT = {"gptq": 0.3, "onnx": 0.6, "gguf": 2.0}
 FLOAT_TENSOR_COPIES = {"gptq": 0.0, "onnx": 1.05, "gguf": 0.0}
 
 SHAPES = {  # config.json fields of the shapes the benchmark uses
