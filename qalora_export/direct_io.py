@@ -111,6 +111,8 @@ class DirectWriter:
 
     def write(self, data) -> int:
         """Append ``data`` (any C-contiguous buffer: bytes, memoryview, numpy array)."""
+        if self._closed:
+            raise ValueError(f"write to closed file {self.path}")
         self._raise_error()
         src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         done = 0
@@ -133,6 +135,8 @@ class DirectWriter:
             return
         try:
             self._raise_error()
+            if self._error is not None:  # failed before and already reported: write nothing more
+                return
             whole = self._fill - self._fill % ALIGN
             tail = bytes(self._bufs[self._cur][whole:self._fill])
             tail_at = self._base + whole
@@ -215,6 +219,7 @@ class DirectWriter:
             self._jobs.put(None)
             self._thread.join()
         self._closed = True
+        self._bufs = self._maps = []  # unmapped once unreferenced (a split GGUF closes files early)
 
     def _close_fds(self) -> None:
         for attr in ("_dfd", "_fd"):

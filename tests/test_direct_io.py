@@ -155,3 +155,33 @@ def test_environment_switch_turns_direct_io_off(tmp_path, monkeypatch):
     w.write(b"plain")
     w.close()
     assert (tmp_path / "f.bin").read_bytes() == b"plain"
+
+
+def test_write_after_close_is_refused(tmp_path):
+    w = DirectWriter(tmp_path / "f.bin")
+    w.write(b"done")
+    w.close()
+    with pytest.raises(ValueError, match="closed"):
+        w.write(b"more")
+    assert (tmp_path / "f.bin").read_bytes() == b"done"
+
+
+def test_close_after_a_reported_failure_writes_nothing_more(tmp_path, monkeypatch):
+    real_pwrite = os.pwrite
+    calls = []
+
+    def failing_once(fd, data, at):
+        calls.append(at)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "full")
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", failing_once)
+    w = DirectWriter(tmp_path / "f.bin", buffer_bytes=ALIGN)
+    with pytest.raises(OSError):
+        for _ in range(6):
+            w.write(b"q" * ALIGN)
+    n = len(calls)
+    w.write(b"r" * 10)  # the caller may still write while unwinding: ignored
+    w.close()  # no tail written after the failure
+    assert len(calls) == n
