@@ -31,10 +31,10 @@ from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError,
 from qalora_export.direct_io import DirectWriter
 from qalora_export.io_utils import atomic_output_file, atomic_output_files
 from qalora_export.merged import MergedModel, single_threaded_torch
-from qalora_export.packing import WORD_BITS, unpack_codes
+from qalora_export.packing import WORD_BITS, column_word_bytes, unpack_codes
 from qalora_export.quant import QuantizedLinear, contiguous_g_idx
 from qalora_export.tokenizer_check import check_tokenizer_matches
-from qalora_export.weight_rows import WeightRows
+from qalora_export.weight_rows import WeightRows, row_ranges
 from qalora_export.write_behind import WriteBehind
 
 from . import gguf_spec as spec
@@ -237,9 +237,7 @@ def _q4_1_from_words(qweight: np.ndarray, bits: int, in_features: int, row_perm:
     out_features = qweight.shape[1]
     nb = in_features // spec.QK4_1
     blocks = np.empty((out_features, nb * spec.Q4_1_BLOCK_BYTES), dtype=np.uint8)
-    step = max(1, Q4_1_ROW_BLOCK_BYTES // max(1, nb * spec.QK4_1))
-    for r0 in range(0, out_features, step):
-        r1 = min(out_features, r0 + step)
+    for r0, r1 in row_ranges(out_features, nb * spec.QK4_1, Q4_1_ROW_BLOCK_BYTES):  # a code a byte at most
         if row_perm is None:
             packed, code_bits = block_code_bytes(qweight[:, r0:r1], bits, in_features)
         else:
@@ -267,8 +265,7 @@ def block_code_bytes(qweight: np.ndarray, bits: int, in_features: int,
     """
     out_features = qweight.shape[1] if row_perm is None else len(row_perm)
     if bits in spec.PACKED_CODE_BITS:
-        words = qweight.T if row_perm is None else qweight.T[row_perm]
-        rows = np.ascontiguousarray(words, dtype="<i4").view(np.uint8)  # little-endian bytes, in order
+        rows = column_word_bytes(qweight, slice(None) if row_perm is None else row_perm)
     else:
         if row_perm is not None:  # only the columns asked for
             qweight, row_perm = qweight[:, row_perm], None
@@ -324,9 +321,8 @@ def _float_row_blocks(model: MergedModel, key: str, shape: tuple[int, int], ggml
     """The stored form of float table ``key`` ``[rows, cols]`` (:func:`_float_array`), row block by
     row block: every type stores rows independently (Q8_0 blocks run along a row)."""
     rows, cols = shape
-    step = max(1, FLOAT_BLOCK_BYTES // max(1, cols * 2))
-    for start in range(0, rows, step):
-        yield _float_array(model.read_tensor(key, slice(start, min(rows, start + step))), ggml_type)
+    for start, stop in row_ranges(rows, cols * 2, FLOAT_BLOCK_BYTES):
+        yield _float_array(model.read_tensor(key, slice(start, stop)), ggml_type)
 
 
 class _RowBlocks:

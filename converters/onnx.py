@@ -46,7 +46,7 @@ from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import single_threaded_torch
 from qalora_export.quant import QuantizedLinear
 from qalora_export.tokenizer_check import check_tokenizer_matches
-from qalora_export.weight_rows import WeightRows
+from qalora_export.weight_rows import WeightRows, row_ranges
 
 from . import onnx_spec as spec
 from .onnx_genai import GENAI_CONFIG_FILE, MODEL_FILE, write_genai_config
@@ -260,10 +260,9 @@ def _tensor_np(model, name: str) -> np.ndarray:
     dtype, shape = model.base.tensor_spec(name)
     if len(shape) != 2 or not shape[0]:
         return _as_numpy(model.read_tensor(name))
-    step = max(1, READ_BLOCK_BYTES // max(1, shape[1] * dtype.itemsize))
     out = None
-    for start in range(0, shape[0], step):
-        block = _as_numpy(model.read_tensor(name, slice(start, start + step)))
+    for start, stop in row_ranges(shape[0], shape[1] * dtype.itemsize, READ_BLOCK_BYTES):
+        block = _as_numpy(model.read_tensor(name, slice(start, stop)))
         if out is None:
             out = np.empty(shape, dtype=block.dtype)
         out[start:start + len(block)] = block

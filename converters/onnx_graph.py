@@ -40,6 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qalora_export.direct_io import DirectWriter
 from qalora_export.errors import UnsupportedModelError
+from qalora_export.weight_rows import row_ranges
 
 from . import onnx_spec as spec
 
@@ -282,10 +283,9 @@ def transposed_row_blocks(weight: np.ndarray, dtype) -> Iterator[np.ndarray]:
     """``weight.T`` ``[in, out]`` in ``dtype``, as C-order blocks of whole rows of about
     :data:`FLOAT_BLOCK_BYTES` each, so that the widened, transposed copy is never whole in memory."""
     n_in, n_out = weight.shape[1], weight.shape[0]
-    rows = max(1, FLOAT_BLOCK_BYTES // max(1, n_out * np.dtype(dtype).itemsize))
-    for start in range(0, n_in, rows):
+    for start, stop in row_ranges(n_in, n_out * np.dtype(dtype).itemsize, FLOAT_BLOCK_BYTES):
         # one C-order copy in the io dtype (astype of the transposed view would keep Fortran order)
-        yield np.ascontiguousarray(weight[:, start:start + rows].T, dtype=dtype)
+        yield np.ascontiguousarray(weight[:, start:stop].T, dtype=dtype)
 
 
 def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: Callable[[str], np.ndarray],

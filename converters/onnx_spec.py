@@ -39,6 +39,8 @@ from typing import Iterator
 import numpy as np
 
 from qalora_export.errors import FormatLimitError
+from qalora_export.packing import WORD_BYTES, column_word_bytes
+from qalora_export.weight_rows import row_ranges
 
 OP_TYPE = "MatMulNBits"
 OP_DOMAIN = "com.microsoft"
@@ -188,30 +190,30 @@ class BFromQweight:
     def __init__(self, qweight: np.ndarray, bits: int, block_size: int):
         blob = _relayable_blob(qweight, bits, block_size)
         words, n_rows = qweight.shape
-        self.qweight, self.bits, self.block_size = qweight, bits, block_size
-        self.shape = (n_rows, words * 4 // blob, blob)
-        self.nbytes = n_rows * words * 4
+        self.qweight = qweight
+        self.shape = (n_rows, words * WORD_BYTES // blob, blob)
+        self.nbytes = n_rows * words * WORD_BYTES
 
-    def row_blocks(self, block_bytes: int = 0) -> "Iterator[np.ndarray]":
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start .. stop - 1`` of ``B``: columns of ``qweight`` as their bytes."""
+        return column_word_bytes(self.qweight, slice(start, stop)).reshape(stop - start, *self.shape[1:])
+
+    def row_blocks(self, block_bytes: int = 0) -> Iterator[np.ndarray]:
         """``B``'s rows, ``[rows, k_blocks, blob]`` a block, about ``block_bytes`` each
         (default :data:`B_ROW_BLOCK_BYTES`); concatenated they are ``np.asarray(self)``."""
         n_rows, k_blocks, blob = self.shape
-        row_bytes = k_blocks * blob
-        step = max(1, (block_bytes or B_ROW_BLOCK_BYTES) // max(1, row_bytes))
-        for r0 in range(0, n_rows, step):
-            r1 = min(n_rows, r0 + step)
-            rows = np.ascontiguousarray(self.qweight[:, r0:r1].T, dtype="<i4").view(np.uint8)
-            yield rows.reshape(r1 - r0, k_blocks, blob)
+        for start, stop in row_ranges(n_rows, k_blocks * blob, block_bytes or B_ROW_BLOCK_BYTES):
+            yield self._rows(start, stop)
 
     def take(self, rows: np.ndarray, blocks: np.ndarray) -> np.ndarray:
         """``B[rows, blocks]`` uint8 ``[m, blob]`` for index arrays ``rows``, ``blocks`` ``[m]``."""
-        words_per_block = self.shape[2] // 4
+        words_per_block = self.shape[2] // WORD_BYTES
         word = np.asarray(blocks)[:, None] * words_per_block + np.arange(words_per_block)  # [m, wpb]
         picked = self.qweight[word, np.asarray(rows)[:, None]]  # int32 [m, wpb]
         return np.ascontiguousarray(picked, dtype="<i4").view(np.uint8).reshape(len(word), self.shape[2])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        b = b_from_qweight(self.qweight, self.bits, self.block_size)
+        b = self._rows(0, self.shape[0])
         return b if dtype is None else b.astype(dtype)
 
 
@@ -221,7 +223,7 @@ def _relayable_blob(qweight: np.ndarray, bits: int, block_size: int) -> int:
         raise FormatLimitError(f"{bits}-bit GPTQ words cannot be re-laid as MatMulNBits B; unpack them (pack_b)")
     words, _ = qweight.shape
     blob = block_size * bits // 8
-    if qweight.dtype != np.int32 or (words * 4) % blob or blob % 4:
+    if qweight.dtype != np.int32 or (words * WORD_BYTES) % blob or blob % WORD_BYTES:
         raise FormatLimitError(
             f"qweight {qweight.dtype} {tuple(qweight.shape)} does not hold whole {block_size}-code blocks of "
             f"{bits}-bit codes ({blob} bytes each)")
@@ -245,12 +247,7 @@ def b_from_qweight(qweight: np.ndarray, bits: int, block_size: int) -> np.ndarra
     Returns:
         uint8 ``[N, K / block_size, block_size * bits / 8]``, equal to ``pack_b`` of the unpacked codes.
     """
-    blob = _relayable_blob(qweight, bits, block_size)
-    words, n_rows = qweight.shape
-    row_bytes = words * 4
-    # one C-order copy of the transposed words, as little-endian bytes whatever the host order
-    rows = np.ascontiguousarray(qweight.T, dtype="<i4").view(np.uint8)
-    return rows.reshape(n_rows, row_bytes // blob, blob)
+    return np.asarray(BFromQweight(qweight, bits, block_size))  # one transpose-copy of the words
 
 
 def block_code_range(b: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -147,7 +147,7 @@ class MergedModel:
         return self.base.other_tensor_names()
 
     def read_tensor(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
-        return self.base.read_tensor(name) if rows is None else self.base.read_tensor(name, rows)
+        return self.base.read_tensor(name, rows)
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -26,6 +26,19 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 WORD_BITS = 32
 
 
+WORD_BYTES = WORD_BITS // 8
+
+
+def column_word_bytes(qweight: np.ndarray, columns=slice(None)) -> np.ndarray:
+    """The words of each chosen column of a packed int32 ``qweight`` ``[words, cols]`` as their
+    little-endian bytes: uint8 ``[n, words * 4]`` for ``columns`` (a slice or an index array).
+
+    Each column's words hold that output's codes as one LSB-first bit stream along ``in``, so these
+    bytes are the stream in order, whatever the host's byte order (one transpose-copy).
+    """
+    return np.ascontiguousarray(qweight.T[columns], dtype="<i4").view(np.uint8)
+
+
 def cycle_codes(bits: int) -> int:
     """Codes per packing cycle: the smallest count that fills whole 32-bit words."""
     _check_bits(bits)

@@ -42,9 +42,15 @@ class WeightRows:
         return cls((int(weight.shape[0]), int(weight.shape[1])), lambda start, stop: weight[start:stop])
 
 
+def row_ranges(n_rows: int, row_bytes: int, block_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of whole rows of ``row_bytes`` each, about
+    ``block_bytes`` a block (at least one row)."""
+    step = max(1, block_bytes // max(1, row_bytes))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
 def row_blocks(n_rows: int, n_cols: int, block_bytes: Optional[int] = None) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of consecutive row blocks of about ``block_bytes`` (default
     :data:`ROW_BLOCK_BYTES`) float64 bytes each."""
-    step = max(1, (block_bytes or ROW_BLOCK_BYTES) // max(1, 8 * n_cols))
-    for start in range(0, n_rows, step):
-        yield start, min(n_rows, start + step)
+    return row_ranges(n_rows, 8 * n_cols, block_bytes or ROW_BLOCK_BYTES)
