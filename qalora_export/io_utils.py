@@ -45,10 +45,7 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_output_path(path, overwrite)
-    with _write_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_siblings(path)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent))
+    tmp = _temp_dir_beside(path)
     try:
         with _write_errors(path):
             yield tmp
@@ -65,6 +62,15 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _temp_dir_beside(path: Path) -> Path:
+    """A fresh hidden ``.partial`` directory next to ``path`` (its parent created, stale siblings of
+    dead runs removed first); errors as :func:`atomic_output_dir`."""
+    with _write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(path)
+        return Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".partial", dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -107,10 +113,7 @@ def atomic_output_files(paths: Sequence[Path], overwrite: bool = False) -> Itera
     for path in paths:
         check_output_path(path, overwrite)
     first = paths[0]
-    with _write_errors(first):
-        first.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_siblings(first)
-        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(first), suffix=".partial", dir=first.parent))
+    tmp = _temp_dir_beside(first)
     try:
         with _write_errors(first):
             yield tmp

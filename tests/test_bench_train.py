@@ -3,19 +3,14 @@ process and reports throughput, peak memory and finite losses. Nothing is timed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+import benchmark_scripts
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("bench_train")
 
 
 def test_bench_train_smoke(tmp_path, capsys):

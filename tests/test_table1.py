@@ -3,23 +3,17 @@ merged" row evaluates the folded float-zero weights, which compute what the unme
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import torch
 
+import benchmark_scripts
 import tiny_models
 from qalora_export.adapter import load_adapter
 from qalora_export.model import build_model
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "table1.py"
-
 
 def load_table1():
-    spec = importlib.util.spec_from_file_location("table1", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("table1")
 
 
 def test_folded_float_zero_model_matches_the_unmerged_model(tmp_path):

@@ -3,24 +3,17 @@ at a tiny shape) and pass, and without CUDA it exits with status 1 and says why.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
+import benchmark_scripts
 import kernel_testing as kt
 
 kt.setup()
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
-
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("bench_kernels")
 
 
 @pytest.mark.parametrize("bits,act_order", [(4, False), (3, True)])
