@@ -11,7 +11,11 @@ Each converter module exposes:
   decoded a row block at a time (``qalora_export.weight_rows``), which verify prefers;
 - ``declared_layer(model, name, meta) -> QuantizedLinear`` (optional): the record the artifact
   declares it holds (the fold, rounded as its metadata says); default: the exact fold;
-- ``WEIGHT_TOLERANCE``: the weight-level tolerance next to the format's spec.
+- ``WEIGHT_TOLERANCE``: the weight-level tolerance next to the format's spec;
+- ``EXPORT_REQUIRES`` / ``RUNTIME_REQUIRES``: the optional packages (``qalora_export.extras``) that
+  writing and verifying need, checked before the work starts;
+- ``RUNTIME``: the runtime ``verify_runtime`` drives (``runtimes.isolation.RuntimeInfo``), named
+  when it crashes in verify's child process.
 
 Importing this package imports no runtime (onnxruntime, llama.cpp, GPTQModel).
 """
@@ -22,6 +26,7 @@ import importlib
 from types import ModuleType
 
 from qalora_export.errors import ConfigError
+from qalora_export.extras import EXTRA_MODULES, Requirement, require
 
 FORMATS: dict[str, str] = {
     "gptq": "qalora_export.converters.gptq",
@@ -39,4 +44,7 @@ def get_converter(name: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("qalora_export.converters"):
             raise ConfigError(f"the {name} converter is not available in this build") from exc
+        extra = next((e for e, modules in EXTRA_MODULES.items() if exc.name in modules), None)
+        if extra is not None:
+            require(Requirement(extra, (exc.name,)), f"the {name} format")
         raise

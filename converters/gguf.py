@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from qalora_export.extras import Requirement
+from qalora_export.runtimes.llamacpp import RUNTIME as LLAMACPP_RUNTIME
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.direct_io import DirectWriter
 from qalora_export.io_utils import atomic_output_file, atomic_output_files
@@ -41,6 +43,10 @@ from . import gguf_spec as spec
 from .gguf_spec import WEIGHT_ATOL, WEIGHT_TOLERANCE  # noqa: F401  (part of the converter contract)
 
 FORMAT = "gguf"
+# Optional packages: writing needs none (gguf is a base requirement); verify runs llama.cpp.
+EXPORT_REQUIRES: tuple[Requirement, ...] = ()
+RUNTIME_REQUIRES = (Requirement("llamacpp", ("llama_cpp",)),)
+RUNTIME = LLAMACPP_RUNTIME
 
 
 # ------------------------------------------------------------------------------ hyperparameters
@@ -845,9 +851,9 @@ def _torch_references(model: MergedModel, prompts: list[list[int]], n_new: int, 
 
 def _llamacpp_logits_and_greedy(path: Path, prompts: list[list[int]], n_new: int,
                                 n_threads: int) -> tuple[list[np.ndarray], list[list[int]]]:
-    from qalora_export.runtimes.llamacpp import greedy, run_logits
+    from qalora_export.runtimes.llamacpp import run_logits_and_greedy
 
-    return run_logits(path, prompts, n_threads=n_threads), [greedy(path, p, n_new, n_threads=n_threads) for p in prompts]
+    return run_logits_and_greedy(path, prompts, n_new, n_threads=n_threads)
 
 
 def _compare(ref_logits, ref_greedy, test_logits, test_greedy) -> dict:

@@ -27,6 +27,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from qalora_export.errors import FoldError, FormatLimitError
+from qalora_export.extras import Requirement
+from qalora_export.runtimes.gptq_runtime import RUNTIME as GPTQ_RUNTIME
 from qalora_export.packing import WORD_BITS
 from qalora_export.gptq_format import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE,
                                        QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQCheckpoint,
@@ -39,6 +41,10 @@ from qalora_export.safetensors_stream import StoredTensor, TensorSpec
 from qalora_export.weight_rows import WeightRows
 
 FORMAT = "gptq"
+# Optional packages: writing needs none; verify runs transformers + GPTQModel (with optimum).
+EXPORT_REQUIRES: tuple[Requirement, ...] = ()
+RUNTIME_REQUIRES = (Requirement("gptq", ("gptqmodel", "optimum")),)
+RUNTIME = GPTQ_RUNTIME
 META_KEY = "qalora_export"
 
 # Weight level (verify): the decoded artifact must equal the declared merge (exact fold, or the

@@ -41,6 +41,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from qalora_export.extras import Requirement
+from qalora_export.runtimes.onnxrt import RUNTIME as ONNXRUNTIME
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError, UnsupportedModelError
 from qalora_export.io_utils import atomic_output_dir
 from qalora_export.merged import single_threaded_torch
@@ -53,6 +55,10 @@ from .onnx_genai import GENAI_CONFIG_FILE, MODEL_FILE, write_genai_config
 from .onnx_spec import WEIGHT_TOLERANCE  # noqa: F401  (the converter contract's name)
 
 FORMAT = "onnx"
+# Optional packages: the writer builds the graph with onnx; verify runs onnxruntime and onnxruntime-genai.
+EXPORT_REQUIRES = (Requirement("onnx", ("onnx",)),)
+RUNTIME_REQUIRES = (Requirement("onnx", ("onnx", "onnxruntime", "onnxruntime_genai")),)
+RUNTIME = ONNXRUNTIME
 DATA_FILE = MODEL_FILE + ".data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")

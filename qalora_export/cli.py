@@ -2,6 +2,10 @@
 
 Exit codes: 0 success; 1 verification failed (the gate); 2 bad input or a refused operation
 (a typed :class:`QALoRAExportError`, message on stderr).
+
+The console is quiet by default (:mod:`.console`): our lines, progress bars and tables on the
+terminal, third-party output (GPTQModel, transformers, torch.compile, native runtimes) in a log
+file whose path is printed at the end; ``-v`` shows it live instead.
 """
 
 from __future__ import annotations
@@ -16,9 +20,26 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from .console import Console, default_log_path, quiet_console
 from .errors import QALoRAExportError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+# The terminal while a command runs (set by main); sys.stdout / sys.stderr then lead to the log.
+_CONSOLE: Optional[Console] = None
+
+
+def _out():
+    return _CONSOLE.out if _CONSOLE is not None else sys.stdout
+
+
+def _err():
+    return _CONSOLE.err if _CONSOLE is not None else sys.stderr
+
+
+def _note(msg: str) -> None:
+    """A progress or status line of ours (stderr side of the terminal)."""
+    print(msg, file=_err(), flush=True)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -30,7 +51,7 @@ class _Progress:
     def __init__(self, total: int, desc: str):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, leave=False,
+        self.bar = tqdm(total=total, desc=desc, unit="layer", file=_err(), leave=False,
                         disable=None if not os.environ.get("CI") else True)
 
     def __call__(self, name: str) -> None:
@@ -48,7 +69,7 @@ def _layer_count(base_dir: Path) -> int:
 
 
 def _say(msg: str = "") -> None:
-    print(msg, flush=True)
+    print(msg, file=_out(), flush=True)
 
 
 def _print_summary(title: str, summary: dict, skip: Sequence[str] = ("per_layer",)) -> None:
@@ -103,7 +124,7 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     main_process = launcher_rank() == 0  # under torchrun / accelerate launch only rank 0 reports
-    bar = tqdm(total=args.steps, desc="train", unit="step", file=sys.stderr, leave=False, disable=not main_process)
+    bar = tqdm(total=args.steps, desc="train", unit="step", file=_err(), leave=False, disable=not main_process)
 
     def on_step(row: dict) -> None:
         bar.set_postfix_str(f"loss {row['loss']:.4f}, {row['tokens_per_s']:.0f} tok/s", refresh=False)
@@ -131,12 +152,14 @@ def cmd_train(args) -> int:
 
 def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -> dict:
     from .converters import get_converter
+    from .extras import require
     from .merged import MergedModel
 
+    converter = get_converter(fmt)
+    require(converter.EXPORT_REQUIRES, f"export to {fmt}")
     # every format checks the adapter's base fingerprint in a background thread while it writes
     # (inside its atomic output: a mismatch leaves nothing)
     model = MergedModel.open(base, adapter, pooling=getattr(args, "pooling", None), defer_fingerprint=True)
-    converter = get_converter(fmt)
     options: dict = {"overwrite": args.overwrite}
     if fmt == "gptq":
         options.update(checkpoint_format=args.checkpoint_format, require_exact=args.require_exact,
@@ -199,7 +222,8 @@ def cmd_verify(args) -> int:
     t0 = time.time()
     report = verify_artifact(args.artifact, args.base, args.adapter, pooling=args.pooling, device=args.device,
                              fmt=args.format, require_exact=args.require_exact, runtime=not args.weights_only,
-                             progress=lambda stage: print(f"verify: {stage} level...", file=sys.stderr, flush=True))
+                             progress=lambda stage: _note(f"verify: {stage} level..."),
+                             runtime_timeout=args.runtime_timeout)
     report["seconds"] = round(time.time() - t0, 1)
     if args.report:
         json_path, md_path = write_report(report, args.report)
@@ -220,7 +244,7 @@ def cmd_demo(args) -> int:
     from .demo import format_demo_table, run_demo
 
     report = run_demo(Path(args.workdir), steps=args.steps, formats=args.formats.split(","),
-                      overwrite=True, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                      overwrite=True, log=_note)
     _say(format_demo_table(report))
     return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
 
@@ -304,8 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="QA-LoRA on group-quantized LLMs: quantize, train, fold the adapter into the zero-points, "
                     "export (AutoGPTQ, ONNX MatMulNBits, GGUF) and verify in the real runtimes.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # -v / --log-file on every verb (after its name, where users type them)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show third-party output (GPTQModel, transformers, torch, runtimes) live instead of "
+                             "capturing it in the log file")
+    common.add_argument("--log-file", type=Path, default=None, metavar="PATH",
+                        help="where captured third-party output goes (default: a new file under the temporary "
+                             "directory, or <workdir>/demo.log for demo; its path is printed at the end)")
 
-    p = sub.add_parser("quantize", help="float model (HF dir or .gguf) -> AutoGPTQ checkpoint (min-max RTN)")
+    def verb(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = verb("quantize", help="float model (HF dir or .gguf) -> AutoGPTQ checkpoint (min-max RTN)")
     p.add_argument("model", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=4)
@@ -334,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("train", help="train a QA-LoRA adapter on a quantized base "
+    p = verb("train", help="train a QA-LoRA adapter on a quantized base "
                                      "(data-parallel under torchrun / accelerate launch)")
     p.add_argument("base", type=Path)
     p.add_argument("--data", type=Path, required=True, help="JSONL: instruction/input/output or chat messages")
@@ -372,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("merge", help="fold an adapter into the zero-points and export")
+    p = verb("merge", help="fold an adapter into the zero-points and export")
     p.add_argument("base", type=Path)
     p.add_argument("adapter", type=Path)
     p.add_argument("--to", choices=("gptq", "onnx", "gguf"), default="gptq")
@@ -381,13 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for fmt, help_text in (("onnx", "export ONNX with com.microsoft.MatMulNBits (merging an adapter if given)"),
                            ("gguf", "export a llama.cpp GGUF with Q4_1 blocks (merging an adapter if given)")):
-        p = sub.add_parser(fmt, help=help_text)
+        p = verb(fmt, help=help_text)
         p.add_argument("base", type=Path, help="quantized base, or an already merged GPTQ checkpoint")
         p.add_argument("adapter", type=Path, nargs="?")
         _add_export_options(p, fmt)
         p.set_defaults(func=_cmd_format(fmt))
 
-    p = sub.add_parser("verify", help="check an artifact against the unmerged model (exit 1 on failure)")
+    p = verb("verify", help="check an artifact against the unmerged model (exit 1 on failure)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--base", type=Path, required=True)
     p.add_argument("--adapter", type=Path)
@@ -397,35 +432,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", type=Path, help="write the JSON report here (and markdown next to it)")
     p.add_argument("--require-exact", action="store_true", help="fail when the merge rounded zero-points")
     p.add_argument("--weights-only", action="store_true", help="skip the runtime level")
+    p.add_argument("--runtime-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="stop the runtime check after SECONDS and fail it as a hang (default 3600)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("inspect", help="describe a checkpoint, adapter, ONNX or GGUF artifact")
+    p = verb("inspect", help="describe a checkpoint, adapter, ONNX or GGUF artifact")
     p.add_argument("path", type=Path)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="the whole path on the SmolLM2-135M fixture, with a before/after table")
+    p = verb("demo", help="the whole path on the SmolLM2-135M fixture, with a before/after table")
     p.add_argument("--workdir", type=Path, default=Path("qalora-demo"))
     p.add_argument("--steps", type=int, default=40,
                    help="training steps (integer-zero training learns the task in ~30-40)")
     p.add_argument("--formats", default="gptq", help="comma-separated export formats to merge and verify")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("fetch-fixture", help="fetch the SmolLM2 fixture into the cache and print its path")
+    p = verb("fetch-fixture", help="fetch the SmolLM2 fixture into the cache and print its path")
     p.set_defaults(func=cmd_fetch_fixture)
     return parser
 
 
+def _log_path(args) -> Path:
+    if args.log_file is not None:
+        return args.log_file
+    if args.command == "demo":
+        return Path(args.workdir) / "demo.log"
+    return default_log_path(args.command)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    global _CONSOLE
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    with quiet_console(_log_path(args), verbose=args.verbose) as console:
+        _CONSOLE = console
+        try:
+            return _run(args)
+        finally:
+            _CONSOLE = None
+            log = console.log_path
+            if log is not None and log.is_file() and log.stat().st_size > 0:
+                print(f"log: {log} (third-party messages; -v shows them live)", file=console.err, flush=True)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
     except QALoRAExportError as exc:
-        print(f"qalora-export {args.command}: error: {exc}", file=sys.stderr)
+        _note(f"qalora-export {args.command}: error: {exc}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted; no partial output was left", file=sys.stderr)
+        _note("interrupted; no partial output was left")
         return 130
 
 

@@ -24,17 +24,40 @@ MAX_NEW_TOKENS = 16
 
 
 def _evaluate(model, tokenizer, held_out: list[dict], dataset, log: Callable[[str], None], label: str) -> dict:
+    t0 = time.time()
+    row = _score(model, tokenizer, held_out, dataset)
+    _log_row(log, label, row, time.time() - t0)
+    return row
+
+
+def _score(model, tokenizer, held_out: list[dict], dataset) -> dict:
+    """Held-out loss and exact-match accuracy of ``model`` (one table row)."""
     from .evaluate import exact_match_accuracy, held_out_loss
     from .fixtures.instruct_task import check_answer
 
-    t0 = time.time()
     loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
     acc = exact_match_accuracy(model, tokenizer, held_out, check_answer, max_new_tokens=MAX_NEW_TOKENS)
     sample = acc.samples[0]
-    log(f"  {label}: held-out loss {loss:.3f}, exact match {acc.correct}/{acc.total} "
-        f"(e.g. {sample.expected!r} -> {sample.generated.strip()!r}) [{time.time() - t0:.0f}s]")
     return {"held_out_loss": loss, "exact_match": acc.accuracy, "correct": acc.correct, "total": acc.total,
             "example": {"expected": sample.expected, "generated": sample.generated}}
+
+
+def _log_row(log: Callable[[str], None], label: str, row: dict, seconds: float) -> None:
+    log(f"  {label}: held-out loss {row['held_out_loss']:.3f}, exact match {row['correct']}/{row['total']} "
+        f"(e.g. {row['example']['expected']!r} -> {row['example']['generated'].strip()!r}) [{seconds:.0f}s]")
+
+
+def score_gptq_artifact(artifact: str, tokenizer_dir: str, held_out: list[dict]) -> dict:
+    """:func:`_score` of an AutoGPTQ checkpoint loaded by transformers + GPTQModel (run in a child
+    process by :func:`run_demo`: a runtime that crashes fails the demo, not the interpreter)."""
+    from transformers import AutoTokenizer
+
+    from .data import build_dataset
+    from .runtimes.gptq_runtime import load_gptq_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    dataset, _ = build_dataset(tokenizer, held_out, MAX_LENGTH)
+    return _score(load_gptq_model(Path(artifact)), tokenizer, held_out, dataset)
 
 
 def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str] = ("gptq",),
@@ -44,6 +67,7 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
 
     from .converters import get_converter
     from .data import build_dataset
+    from .extras import require
     from .fixture import smollm2_float_dir, smollm2_gguf_path
     from .fixtures.instruct_task import make_splits, write_jsonl
     from .merged import MergedModel
@@ -54,6 +78,9 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     from .verify import verify_artifact
 
     log = log or (lambda msg: None)
+    for fmt in formats:  # every optional runtime is checked before minutes of training
+        converter = get_converter(fmt)
+        require(converter.EXPORT_REQUIRES + converter.RUNTIME_REQUIRES, f"demo --formats {fmt}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -118,12 +145,13 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
         artifacts[fmt] = {"path": str(out), "summary": {k: v for k, v in summary.items() if k != "per_layer"},
                           "verify": _verify_digest(report)}
         if fmt == "gptq":
-            from .runtimes.gptq_runtime import load_gptq_model
+            from .runtimes.gptq_runtime import RUNTIME
+            from .runtimes.isolation import call_isolated
 
-            runtime_model = load_gptq_model(out)
-            rows["merged AutoGPTQ (transformers + GPTQModel)"] = _evaluate(
-                runtime_model, tokenizer, held_out, held_dataset, log, "merged gptq")
-            del runtime_model
+            t1 = time.time()
+            row = call_isolated(f"{__name__}:score_gptq_artifact", {"artifact": out, "tokenizer_dir": base, "held_out": held_out}, RUNTIME)
+            _log_row(log, "merged gptq", row, time.time() - t1)
+            rows["merged AutoGPTQ (transformers + GPTQModel)"] = row
         timings[f"merge_verify_{fmt}"] = time.time() - t0
 
     timings["total"] = time.time() - t_start

@@ -54,3 +54,21 @@ class TrainingError(QALoRAExportError, RuntimeError):
 
 class OutputWriteError(QALoRAExportError, OSError):
     """Writing an output failed (disk full, file too large, no permission); nothing was written."""
+
+
+class MissingExtraError(QALoRAExportError, ImportError):
+    """An optional package this verb needs is not installed; the message names the pip extra."""
+
+
+class RuntimeCrashError(QALoRAExportError, RuntimeError):
+    """A runtime (llama.cpp, onnxruntime, GPTQModel) crashed, hung or failed in its child process.
+
+    Attributes:
+        runtime: the runtime's name, e.g. ``llama.cpp (llama-cpp-python)``.
+        cause: the signal name (``SIGSEGV``), ``timeout``, ``exit N`` or ``exception``.
+    """
+
+    def __init__(self, message: str, runtime: str = "", cause: str = ""):
+        super().__init__(message)
+        self.runtime = runtime
+        self.cause = cause

@@ -18,6 +18,9 @@ def inspect_path(path: Path) -> dict:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _inspect_adapter(path)
     if path.is_dir() and (path / "model.onnx").is_file():
+        from .extras import Requirement, require
+
+        require(Requirement("onnx", ("onnx",)), f"inspect of the ONNX model {path}")
         return _inspect_onnx(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _inspect_gptq(path)

@@ -6,7 +6,9 @@
    ``W_hat + dW``, reported per layer.
 2. Runtime: the format's ``verify_runtime`` loads the artifact in its real runtime and compares
    logits and greedy continuations with the unmerged PyTorch model, judged against a noise floor
-   measured in the same run.
+   measured in the same run. It runs in a child process (``runtimes.isolation``): a runtime that
+   crashes or hangs is a failed check naming the runtime, the signal and the likely fix, and the
+   report is still written.
 
 The report is one JSON object (plus a markdown rendering); ``passed`` is False on any failure
 and the CLI then exits non-zero. A tolerance failure is a failure, never a warning.
@@ -22,10 +24,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, RuntimeCrashError
+from .extras import require
 from .merged import MergedModel
+from .runtimes.isolation import call_isolated
 from .tokenizer_check import check_tokenizer_matches
 from .weight_rows import WeightRows, row_blocks
+
+# A runtime check that runs longer than this is taken for a hang (the fixture's GPTQ check, the
+# slowest, takes a few minutes on 2 cores); verify --runtime-timeout changes it.
+DEFAULT_RUNTIME_TIMEOUT_S = 3600.0
 
 FIXED_PROMPTS = (
     "What is the capital of France?",
@@ -152,13 +160,23 @@ def weight_report(model: MergedModel, converter, artifact: Path) -> dict:
 def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] = None,
                     pooling: Optional[str] = None, device: str = "cpu", fmt: Optional[str] = None,
                     require_exact: bool = False, runtime: bool = True,
-                    progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Run the gate on ``artifact``; returns the report (``report["passed"]``)."""
+                    progress: Optional[Callable[[str], None]] = None,
+                    runtime_timeout: Optional[float] = DEFAULT_RUNTIME_TIMEOUT_S) -> dict:
+    """Run the gate on ``artifact``; returns the report (``report["passed"]``).
+
+    The runtime level runs in a child process that is stopped after ``runtime_timeout`` seconds
+    (None: no limit); a crash or a hang there fails the report (``report["runtime"]["error"]``).
+
+    Raises:
+        MissingExtraError: ``runtime`` is asked and the format's runtime is not installed.
+    """
     from qalora_export.converters import get_converter
 
     artifact = Path(artifact)
     fmt = fmt or detect_format(artifact)
     converter = get_converter(fmt)
+    if runtime:
+        require(converter.RUNTIME_REQUIRES, f"verify of a {fmt} artifact in {converter.RUNTIME.name}")
     model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
     if runtime:  # the runtimes tokenize with these: ids beyond the embedding fail deep inside them
         check_tokenizer_matches(model.base)
@@ -185,13 +203,29 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
         if progress:
             progress("runtime")
         prompts = fixed_prompts(model.tokenizer_dir)
-        with tempfile.TemporaryDirectory(prefix="qalora-verify-") as workdir:
-            kwargs = {"device": device} if fmt == "gptq" else {}
-            result = converter.verify_runtime(model, artifact, prompts, Path(workdir), **kwargs)
+        try:
+            result = call_isolated(f"{__name__}:runtime_level",
+                                   {"fmt": fmt, "artifact": artifact, "base_dir": base_dir, "adapter_dir": adapter_dir,
+                                    "pooling": pooling, "prompts": prompts, "device": device},
+                                   converter.RUNTIME, timeout=runtime_timeout)
+        except RuntimeCrashError as exc:
+            result = {"runtime": converter.RUNTIME.name, "passed": False, "error": str(exc), "cause": exc.cause}
         report["runtime"] = result
         passed = passed and bool(result.get("passed"))
     report["passed"] = bool(passed)
     return report
+
+
+def runtime_level(fmt: str, artifact: str, base_dir: str, adapter_dir: Optional[str], pooling: Optional[str],
+                  prompts: list[list[int]], device: str) -> dict:
+    """Level 2, as run in verify's child process: the format's ``verify_runtime`` on ``artifact``."""
+    from qalora_export.converters import get_converter
+
+    converter = get_converter(fmt)
+    model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
+    with tempfile.TemporaryDirectory(prefix="qalora-verify-") as workdir:
+        kwargs = {"device": device} if fmt == "gptq" else {}
+        return converter.verify_runtime(model, Path(artifact), prompts, Path(workdir), **kwargs)
 
 
 def write_report(report: dict, path: Path) -> tuple[Path, Path]:
@@ -226,6 +260,8 @@ def render_markdown(report: dict) -> str:
     rt = report.get("runtime")
     if rt:
         lines.append(f"| runtime | {rt.get('runtime', report['format'])} | | {rt.get('passed')} |")
+        if rt.get("error"):
+            lines.append(f"\nRuntime error ({rt.get('cause')}): {rt['error']}\n")
         for key, value in rt.items():
             if isinstance(value, dict) and "mean_kl" in value:
                 figures = " / ".join(_fmt(value.get(k)) for k in ("max_abs_logit_diff", "mean_kl", "top1_agreement"))

@@ -29,6 +29,11 @@ CORE_MODULES = (
     "qalora_export.model",
     "qalora_export.quantize",
     "qalora_export.float_model",
+    "qalora_export.cli",
+    "qalora_export.console",
+    "qalora_export.extras",
+    "qalora_export.runtimes.isolation",
+    "qalora_export.verify",
 )
 
 PROBE = r"""

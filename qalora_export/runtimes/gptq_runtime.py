@@ -11,6 +11,14 @@ from pathlib import Path
 
 import torch
 
+from .isolation import RuntimeInfo
+
+RUNTIME = RuntimeInfo(
+    name="transformers + GPTQModel",
+    crash_hint=("run with -v (or read the log file) for GPTQModel's own messages; on a CPU machine set "
+                "GPTQMODEL_CPU_WORKERS to at most the number of cores; reinstall 'qalora-export[gptq]' "
+                "(gptqmodel 7.6.0 with torch 2.13)"))
+
 
 def load_gptq_model(path: Path, device: str = "cpu"):
     """The checkpoint at ``path`` loaded unmodified by transformers with GPTQModel's kernels."""

@@ -17,6 +17,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .isolation import RuntimeInfo
+
+RUNTIME = RuntimeInfo(
+    name="onnxruntime",
+    crash_hint=("run with -v (or read the log file) for onnxruntime's own messages; reinstall "
+                "'qalora-export[onnx]' (onnxruntime and onnxruntime-genai of matching versions)"))
+
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG_FILE = "genai_config.json"
 
