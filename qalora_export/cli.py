@@ -244,7 +244,7 @@ def cmd_demo(args) -> int:
     from .demo import format_demo_table, run_demo
 
     report = run_demo(Path(args.workdir), steps=args.steps, formats=args.formats.split(","),
-                      overwrite=True, log=_note)
+                      overwrite=True, log=_note, held_out_examples=args.held_out_examples)
     _say(format_demo_table(report))
     return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
 
@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40,
                    help="training steps (integer-zero training learns the task in ~30-40)")
     p.add_argument("--formats", default="gptq", help="comma-separated export formats to merge and verify")
+    p.add_argument("--held-out-examples", type=int, default=32,
+                   help="held-out examples each table row is scored on (fewer: quicker, noisier)")
     p.set_defaults(func=cmd_demo)
 
     p = verb("fetch-fixture", help="fetch the SmolLM2 fixture into the cache and print its path")

@@ -61,8 +61,12 @@ def score_gptq_artifact(artifact: str, tokenizer_dir: str, held_out: list[dict])
 
 
 def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str] = ("gptq",),
-             overwrite: bool = True, log: Optional[Callable[[str], None]] = None, seed: int = 0) -> dict:
-    """Run the demo under ``workdir``; returns the report (also written as ``demo_report.json``)."""
+             overwrite: bool = True, log: Optional[Callable[[str], None]] = None, seed: int = 0,
+             held_out_examples: int = N_HELD_OUT) -> dict:
+    """Run the demo under ``workdir``; returns the report (also written as ``demo_report.json``).
+
+    ``held_out_examples`` sets how many examples each table row is scored on (fewer: a quicker,
+    noisier table)."""
     from transformers import AutoTokenizer
 
     from .converters import get_converter
@@ -78,6 +82,10 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     from .verify import verify_artifact
 
     log = log or (lambda msg: None)
+    if held_out_examples < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--held-out-examples {held_out_examples}: the table needs at least 1 example")
     for fmt in formats:  # every optional runtime is checked before minutes of training
         converter = get_converter(fmt)
         require(converter.EXPORT_REQUIRES + converter.RUNTIME_REQUIRES, f"demo --formats {fmt}")
@@ -97,7 +105,7 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
 
     data_dir = workdir / "data"
     data_dir.mkdir(exist_ok=True)
-    train_examples, held_out = make_splits(N_TRAIN, N_HELD_OUT, seed)
+    train_examples, held_out = make_splits(N_TRAIN, held_out_examples, seed)
     write_jsonl(data_dir / "train.jsonl", train_examples)
     write_jsonl(data_dir / "held_out.jsonl", held_out)
     tokenizer = AutoTokenizer.from_pretrained(str(base))
