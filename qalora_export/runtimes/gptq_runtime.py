@@ -29,6 +29,12 @@ def load_gptq_model(path: Path, device: str = "cpu"):
 
     bits = GPTQCheckpoint(path).config.bits
     if device == "cpu":
+        # GPTQModel torch.compiles each layer's dequantize on load; on CPU that is a recompilation
+        # storm (210 bound methods, recompile_limit 128) that only costs time: verify of the SmolLM2
+        # fixture's GPTQ base took 73.7 s with it and 55.4 s without, identical logits (docs/results.md).
+        import torch._dynamo
+
+        torch._dynamo.config.disable = True
         qcfg = GPTQConfig(bits=bits, backend="gptq_torch")
         model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=qcfg, dtype=torch.float32)
     else:
