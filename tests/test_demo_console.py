@@ -42,3 +42,12 @@ def test_demo_prints_only_our_lines(smollm2_gguf, tmp_path):
     log = workdir / "demo.log"
     assert f"log: {log}" in proc.stderr
     assert log.stat().st_size > 0  # what was kept off the console is in the log, not lost
+
+
+def test_demo_refuses_zero_held_out_examples(tmp_path):
+    """``--held-out-examples 0`` is a ConfigError (exit 2) before any work, naming the flag."""
+    from qalora_export.cli import EXIT_BAD_INPUT, main
+
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--workdir", str(workdir), "--held-out-examples", "0"]) == EXIT_BAD_INPUT
+    assert not (workdir / "demo_report.json").exists()
