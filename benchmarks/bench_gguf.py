@@ -25,7 +25,7 @@ from pathlib import Path
 
 def measure(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
     """(prompt tokens/s, decode tokens/s) of one llama.cpp run."""
-    from qalora_export.runtimes.llamacpp import open_model
+    from qalora_export.formats.gguf.runtime import open_model
 
     with open_model(path, n_ctx=len(prompt) + n_decode + 8, n_threads=threads, logits_all=False,
                     n_batch=max(len(prompt), 8)) as llm:
@@ -50,15 +50,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
     args = ap.parse_args()
 
-    from qalora_export.converters import gguf
-    from qalora_export.merged import MergedModel
+    from qalora_export.formats.gguf import format as gguf
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         tmp = Path(tmp)
         base = args.base
         if base is None:
-            from qalora_export.fixture import smollm2_gguf_path
-            from qalora_export.quantize import quantize_model
+            from qalora_export.fixtures.smollm2 import smollm2_gguf_path
+            from qalora_export.quantization.quantize import quantize_model
             base = tmp / "smollm2-w4g32"
             quantize_model(smollm2_gguf_path(), base, bits=4, group_size=32, checkpoint_format="gptq_v2")
         model = MergedModel.open(base, args.adapter)

@@ -73,7 +73,7 @@ model.save(out)
 
 def held_out_windows(tokenizer, seq_len: int, n_windows: int) -> torch.Tensor:
     """``[n, seq_len]`` token windows of held-out stdlib docstrings none of which is calibration text."""
-    from qalora_export.gptq_quant import stdlib_docstrings
+    from qalora_export.quantization.gptq import stdlib_docstrings
 
     seen = set(stdlib_docstrings())
     docs = [d for d in dict.fromkeys(stdlib_docstrings(HELD_OUT_MODULES)) if d not in seen]
@@ -100,8 +100,8 @@ def perplexity(model, windows: torch.Tensor, batch: int = 2) -> float:
 
 
 def checkpoint_perplexity(path: Path, windows: torch.Tensor) -> float:
-    from qalora_export.evaluate import cached_base_weights
-    from qalora_export.model import build_model
+    from qalora_export.training.evaluate import cached_base_weights
+    from qalora_export.modeling.model import build_model
 
     model = build_model(path)
     with cached_base_weights(model):
@@ -111,7 +111,7 @@ def checkpoint_perplexity(path: Path, windows: torch.Tensor) -> float:
 def runtime_perplexity(path: Path, windows: torch.Tensor) -> float:
     """The checkpoint loaded by transformers + GPTQModel (gptq_torch, float32 activations; it
     dequantizes in fp16), torch.compile off (it would recompile per shape on CPU)."""
-    from qalora_export.runtimes.gptq_runtime import load_gptq_model
+    from qalora_export.formats.gptq.runtime import load_gptq_model
 
     with torch._dynamo.config.patch(disable=True):
         return perplexity(load_gptq_model(path), windows)
@@ -165,9 +165,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from qalora_export.fixture import smollm2_float_dir
-    from qalora_export.gptq_quant import calibration_batch, calibration_text
-    from qalora_export.quantize import quantize_model
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir
+    from qalora_export.quantization.gptq import calibration_batch, calibration_text
+    from qalora_export.quantization.quantize import quantize_model
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)

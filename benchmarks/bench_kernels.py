@@ -80,7 +80,7 @@ def peak_mb(fn: Callable[[], object]) -> float:
 
 def random_record(name: str, in_: int, out: int, bits: int, group_size: int, act_order: bool, seed: int):
     """A random quantized layer (codes, scales, fractional zeros as after a fold) on the CPU."""
-    from qalora_export.quant import QuantizedLinear, contiguous_g_idx
+    from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 
     gen = torch.Generator().manual_seed(seed)
     groups = in_ // group_size
@@ -94,7 +94,7 @@ def random_record(name: str, in_: int, out: int, bits: int, group_size: int, act
 
 
 def qalora_layers(bits: int, group_size: int, act_order: bool, rank: int, use_kernels: str, device):
-    from qalora_export.qalora_layer import QALoRALinear
+    from qalora_export.modeling.qalora_linear import QALoRALinear
 
     layers = []
     for i, (name, in_, out) in enumerate(LLAMA7B_PROJECTIONS):
@@ -180,10 +180,10 @@ def check_kernels(device, bits: int, group_size: int, act_order: bool,
 
     ``shape`` is ``(in, out)``, by default down_proj's (the longest reduction).
     """
-    from qalora_export.kernels.fused_linear import PackedBase, adapter_delta
-    from qalora_export.kernels.triton_dequant import dequantize_effective_weight
-    from qalora_export.kernels.triton_gemv import gemv_effective_weight
-    from qalora_export.qalora_layer import QALoRALinear
+    from qalora_export.modeling.kernels.fused_linear import PackedBase, adapter_delta
+    from qalora_export.modeling.kernels.triton_dequant import dequantize_effective_weight
+    from qalora_export.modeling.kernels.triton_gemv import gemv_effective_weight
+    from qalora_export.modeling.qalora_linear import QALoRALinear
 
     u_bf16, u_f32 = 2.0 ** -8, 2.0 ** -24
     if device.type == "cpu":  # Triton's interpreter (tests only) truncates float32 to bfloat16
@@ -270,7 +270,7 @@ def main() -> int:
               "their numbers are tested on CPU by tests/kernels/ through Triton's interpreter). "
               "Run this script on a machine with a CUDA GPU, torch and triton.", file=sys.stderr)
         return 1
-    from qalora_export.kernels import triton_available
+    from qalora_export.modeling.kernels import triton_available
 
     if not triton_available():
         print("bench_kernels: triton is not installed; it ships with CUDA builds of PyTorch "

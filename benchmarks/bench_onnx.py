@@ -37,7 +37,7 @@ import numpy as np
 
 
 def decode_tokens_per_second(model_dir: Path, prompt: list[int], steps: int, repeats: int, threads: int) -> float:
-    from qalora_export.runtimes.onnxrt import OrtDecoder
+    from qalora_export.formats.onnx.runtime import OrtDecoder
 
     decoder = OrtDecoder(model_dir, providers=["CPUExecutionProvider"], threads=threads)
     best = 0.0
@@ -61,8 +61,8 @@ def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0) -> Path
     """A random QA-LoRA adapter on every quantized layer of ``base`` (fractional folded zeros)."""
     import torch
 
-    from qalora_export.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-    from qalora_export.gptq_format import GPTQCheckpoint
+    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     if out.exists():
         return out
@@ -80,8 +80,8 @@ def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0) -> Path
 
 
 def fixture_base(work: Path, bits: int, group_size: int) -> Path:
-    from qalora_export.fixture import smollm2_gguf_path
-    from qalora_export.quantize import quantize_model
+    from qalora_export.fixtures.smollm2 import smollm2_gguf_path
+    from qalora_export.quantization.quantize import quantize_model
 
     base = work / f"smollm2-gptq-b{bits}-g{group_size}"
     if not base.exists():
@@ -102,8 +102,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from qalora_export.converters import onnx as onnx_conv
-    from qalora_export.merged import MergedModel
+    from qalora_export.formats.onnx import format as onnx_conv
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-")) if own_work else args.work

@@ -39,9 +39,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "converters")]  # the tests' tiny BPE tokenizer builder
 
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter, save_adapter  # noqa: E402
-from qalora_export.gptq_format import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs)  # noqa: E402
-from qalora_export.packing import pack_codes  # noqa: E402
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter  # noqa: E402
+from qalora_export.checkpoint.gptq import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs)  # noqa: E402
+from qalora_export.core.packing import pack_codes  # noqa: E402
 from qalora_export.plan import SHAPES, checkpoint_tensors, linear_shapes, plan_merge  # noqa: E402
 
 BITS, GROUP_SIZE = 4, 128

@@ -3,7 +3,7 @@
 Two workloads, each trained by both methods in the same run with the same loop (train.py's
 ``train_step``: AdamW, warmup + cosine schedule, gradient clipping, ``evaluate.response_loss``):
 
-- **fixture**: SmolLM2-135M-Instruct on the record-code task (``fixtures/instruct_task.py``),
+- **fixture**: SmolLM2-135M-Instruct on the record-code task (``qalora_export/fixtures/instruct_task.py``),
   ``--fixture-batch`` examples per step padded to the longest (at most 96 tokens), loss on the
   responses only, as ``train`` runs it. QA-LoRA on a 4-bit group-32 RTN base.
 - **stack**: a LLaMA-7B-shaped decoder stack with random weights (hidden 4096, intermediate
@@ -54,7 +54,7 @@ def make_stack(out: Path, layers: int, vocab: int, shape: dict, bits: int, group
     """A random float LLaMA stack (bf16 safetensors) and its RTN GPTQ base; cached under ``out``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qalora_export.quantize import quantize_model
+    from qalora_export.quantization.quantize import quantize_model
 
     float_dir, base_dir = out / "float", out / f"base-w{bits}g{group_size}"
     if not (float_dir / "config.json").is_file():
@@ -87,8 +87,8 @@ def _write_tokenizer(out: Path, vocab: int) -> None:
 
 
 def fixture_dirs(out: Path) -> tuple[Path, Path]:
-    from qalora_export.fixture import smollm2_float_dir
-    from qalora_export.quantize import quantize_model
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir
+    from qalora_export.quantization.quantize import quantize_model
 
     float_dir = smollm2_float_dir()
     base = out / "smollm2-w4g32"
@@ -101,13 +101,13 @@ def fixture_dirs(out: Path) -> tuple[Path, Path]:
 
 
 def build_variant(variant: str, float_dir: Path, base_dir: Path, rank: int, device: torch.device):
-    from qalora_export.model import build_model, qalora_modules
-    from qalora_export.train import init_adapters
+    from qalora_export.modeling.model import build_model, qalora_modules
+    from qalora_export.training.train import init_adapters
 
     if variant.startswith("qalora"):
         int_range = None
         if variant == "qalora-intzeros":
-            from qalora_export.gptq_format import GPTQCheckpoint, zero_range
+            from qalora_export.checkpoint.gptq import GPTQCheckpoint, zero_range
 
             cfg = GPTQCheckpoint(base_dir).config
             int_range = zero_range(cfg.bits, cfg.checkpoint_format)
@@ -120,7 +120,7 @@ def build_variant(variant: str, float_dir: Path, base_dir: Path, rank: int, devi
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qalora_export.model import TARGET_MODULES
+    from qalora_export.modeling.model import TARGET_MODULES
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(float_dir), dtype=dtype)
@@ -134,11 +134,11 @@ def build_variant(variant: str, float_dir: Path, base_dir: Path, rank: int, devi
 
 def batches(workload: str, float_dir: Path, args, steps: int):
     """``steps`` collated batches (int64 ``[B, T]`` input_ids / attention_mask / labels)."""
-    from qalora_export.data import collate
+    from qalora_export.training.examples import collate
 
     if workload == "fixture":
         from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-        from qalora_export.train import BatchStream, TrainConfig, load_tokenizer, prepare_data
+        from qalora_export.training.train import BatchStream, TrainConfig, load_tokenizer, prepare_data
 
         data = Path(args.workdir) / "fixture-train.jsonl"
         write_jsonl(data, make_splits(320, 0, 0)[0])
@@ -158,7 +158,7 @@ def batches(workload: str, float_dir: Path, args, steps: int):
 
 def measure(args) -> dict:
     """Train one variant for warmup + timed steps; tokens/s and peak memory."""
-    from qalora_export.train import TrainConfig, lr_lambda, make_optimizer, train_step
+    from qalora_export.training.train import TrainConfig, lr_lambda, make_optimizer, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 """Output-write benchmark (docs/scale.md): the same bytes written through the page cache with
-``write()``, through ``DirectWriter`` (qalora_export/direct_io.py) with and without ``O_DIRECT``,
+``write()``, through ``DirectWriter`` (qalora_export/storage/direct_io.py) with and without ``O_DIRECT``,
 and copied by the kernel as ``cp`` does (``copy_file_range``), each timed until it returns and
 until a ``sync`` after it; ratios are to the kernel copy measured in the same run.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qalora_export.direct_io import DirectWriter
+from qalora_export.storage.direct_io import DirectWriter
 
 CHUNK = 64 << 20  # bytes handed to each write call (about one GPTQ layer's tensors)
 

@@ -64,10 +64,10 @@ class Table:
     def __init__(self, args):
         from transformers import AutoTokenizer
 
-        from qalora_export.data import build_dataset
-        from qalora_export.fixture import smollm2_float_dir
+        from qalora_export.training.examples import build_dataset
+        from qalora_export.fixtures.smollm2 import smollm2_float_dir
         from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-        from qalora_export.train import TrainConfig
+        from qalora_export.training.train import TrainConfig
 
         self.args = args
         self.work = args.workdir
@@ -102,7 +102,7 @@ class Table:
     # ------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, model) -> dict:
-        from qalora_export.evaluate import exact_match_accuracy, held_out_loss
+        from qalora_export.training.evaluate import exact_match_accuracy, held_out_loss
         from qalora_export.fixtures.instruct_task import check_answer
 
         model.to(self.device)
@@ -138,7 +138,7 @@ class Table:
     # ------------------------------------------------------------------------------- artifacts
 
     def gptq(self, float_dir: Path, out: Path, bits: int) -> Path:
-        from qalora_export.quantize import quantize_model
+        from qalora_export.quantization.quantize import quantize_model
 
         if not (out / "config.json").is_file():
             log(f"  GPTQ {bits}-bit g{self.args.group_size}: {float_dir} -> {out}")
@@ -150,7 +150,7 @@ class Table:
     def qalora_adapter(self, base: Path, integer_zeros: bool) -> Path:
         from dataclasses import replace
 
-        from qalora_export.train import train_adapter
+        from qalora_export.training.train import train_adapter
 
         out = base.with_name(base.name + ("-adapter-intzeros" if integer_zeros else "-adapter-floatzeros"))
         if not (out / "adapter_config.json").is_file():
@@ -178,8 +178,8 @@ class Table:
         return out
 
     def merged_gptq(self, base: Path, adapter: Path, exact: bool) -> tuple[Path, dict]:
-        from qalora_export.converters import get_converter
-        from qalora_export.merged import MergedModel
+        from qalora_export.formats import get_converter
+        from qalora_export.checkpoint.merged_view import MergedModel
 
         out = adapter.with_name(adapter.name + "-merged-gptq")
         summary_path = out.with_name(out.name + ".summary.json")
@@ -197,8 +197,8 @@ def train_float_lora(float_dir: Path, data: Path, config, device: torch.device):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qalora_export.data import collate
-    from qalora_export.train import (BatchStream, load_tokenizer, lr_lambda, make_optimizer, prepare_data,
+    from qalora_export.training.examples import collate
+    from qalora_export.training.train import (BatchStream, load_tokenizer, lr_lambda, make_optimizer, prepare_data,
                                      train_step)
 
     tokenizer = load_tokenizer(float_dir)
@@ -234,8 +234,8 @@ def folded_float_model(base: Path, adapter: Path):
     zero-points holds it; other tensors as stored in the base (fp16)."""
     from transformers import AutoModelForCausalLM
 
-    from qalora_export.merged import MergedModel
-    from qalora_export.model import hf_config_from
+    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.modeling.model import hf_config_from
 
     merged = MergedModel.open(base, adapter)
     config = hf_config_from(merged.model_config)
@@ -256,7 +256,7 @@ def folded_float_model(base: Path, adapter: Path):
 
 
 def run(args) -> dict:
-    from qalora_export.model import build_model
+    from qalora_export.modeling.model import build_model
 
     table = Table(args)
     log(f"settings: {table.settings}")

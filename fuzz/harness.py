@@ -79,7 +79,7 @@ def _copy_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
 
 
 def _read_checkpoint(directory: Path) -> dict:
-    from qalora_export.gptq_format import GPTQCheckpoint
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     ckpt = GPTQCheckpoint(directory)
     layers = {name: ckpt.read_layer(name) for name in ckpt.quantized_modules}
@@ -113,9 +113,9 @@ def target_gptq_config(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.adapter import adapter_delta, load_adapter
-    from qalora_export.gptq_format import GPTQCheckpoint
-    from qalora_export.merged import MergedModel
+    from qalora_export.core.adapter import adapter_delta, load_adapter
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     choice, payload = decode_choice(data, len(ADAPTER_FILES))
     d = ws.fresh()
@@ -134,7 +134,7 @@ def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_gguf(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     gguf = get_converter("gguf")
     path = ws.fresh() / "model.gguf"
@@ -144,7 +144,7 @@ def target_gguf(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_onnx(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     onnx = get_converter("onnx")
     choice, payload = decode_choice(data, len(ONNX_FILES))
@@ -156,7 +156,7 @@ def target_onnx(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_jsonl(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.data import read_jsonl
+    from qalora_export.training.examples import read_jsonl
 
     path = ws.fresh() / "data.jsonl"
     path.write_bytes(data)

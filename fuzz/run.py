@@ -33,14 +33,14 @@ import atheris  # noqa: E402
 
 with atheris.instrument_imports(include=["qalora_export", "gguf", "onnx.numpy_helper", "harness"]):
     import harness  # noqa: E402
-    import qalora_export.adapter  # noqa: E402,F401
-    import qalora_export.converters.gguf  # noqa: E402,F401
-    import qalora_export.converters.gguf_spec  # noqa: E402,F401
-    import qalora_export.converters.onnx  # noqa: E402,F401
-    import qalora_export.converters.onnx_spec  # noqa: E402,F401
-    import qalora_export.data  # noqa: E402,F401
-    import qalora_export.gptq_format  # noqa: E402,F401
-    import qalora_export.merged  # noqa: E402,F401
+    import qalora_export.core.adapter  # noqa: E402,F401
+    import qalora_export.formats.gguf.format  # noqa: E402,F401
+    import qalora_export.formats.gguf.spec  # noqa: E402,F401
+    import qalora_export.formats.onnx.format  # noqa: E402,F401
+    import qalora_export.formats.onnx.spec  # noqa: E402,F401
+    import qalora_export.training.examples  # noqa: E402,F401
+    import qalora_export.checkpoint.gptq  # noqa: E402,F401
+    import qalora_export.checkpoint.merged_view  # noqa: E402,F401
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
 def _signature(exc: BaseException) -> str:
     """Exception type and the innermost frame in our code (or the innermost frame)."""
     tb = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in tb if "qalora_export" in f.filename or "/converters/" in f.filename]
+    ours = [f for f in tb if "qalora_export" in f.filename]
     frame = (ours or tb)[-1]
     return f"{type(exc).__name__} at {Path(frame.filename).name}:{frame.lineno} ({frame.name})"
 

@@ -40,8 +40,8 @@ def build_templates(out: Path) -> Path:
     import gguf_helpers
     import tiny_models
 
-    from qalora_export.converters import get_converter
-    from qalora_export.merged import MergedModel
+    from qalora_export.formats import get_converter
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     tpl = out / "_templates"
     if tpl.exists():

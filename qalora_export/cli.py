@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from .console import Console, default_log_path, quiet_console
-from .errors import QALoRAExportError
+from qalora_export.console import Console, default_log_path, quiet_console
+from qalora_export.errors import QALoRAExportError
 
 EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -63,7 +63,7 @@ class _Progress:
 
 
 def _layer_count(base_dir: Path) -> int:
-    from .gptq_format import GPTQCheckpoint
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     return len(GPTQCheckpoint(base_dir).quantized_modules)
 
@@ -86,11 +86,11 @@ def _print_summary(title: str, summary: dict, skip: Sequence[str] = ("per_layer"
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import quantize_model
+    from qalora_export.quantization.quantize import quantize_model
 
     calibration = None
     if args.calibration_file is not None:
-        from .errors import ConfigError
+        from qalora_export.errors import ConfigError
 
         try:
             calibration = args.calibration_file.read_text(encoding="utf-8")
@@ -112,9 +112,9 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train_adapter
-    from .train_distributed import launcher_rank
-    from .train_metrics import default_metrics_path
+    from qalora_export.training.train import TrainConfig, train_adapter
+    from qalora_export.training.distributed import launcher_rank
+    from qalora_export.training.metrics_log import default_metrics_path
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          max_length=args.max_length, seed=args.seed, held_out=args.held_out,
@@ -151,9 +151,9 @@ def cmd_train(args) -> int:
 
 
 def _export(fmt: str, base: Path, adapter: Optional[Path], output: Path, args) -> dict:
-    from .converters import get_converter
-    from .extras import require
-    from .merged import MergedModel
+    from qalora_export.formats import get_converter
+    from qalora_export.extras import require
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     converter = get_converter(fmt)
     require(converter.EXPORT_REQUIRES, f"export to {fmt}")
@@ -217,7 +217,7 @@ def _cmd_format(fmt: str) -> Callable:
 
 
 def cmd_verify(args) -> int:
-    from .verify import render_markdown, verify_artifact, write_report
+    from qalora_export.verify import render_markdown, verify_artifact, write_report
 
     t0 = time.time()
     report = verify_artifact(args.artifact, args.base, args.adapter, pooling=args.pooling, device=args.device,
@@ -233,7 +233,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_artifact import inspect_path
+    from qalora_export.inspect_artifact import inspect_path
 
     info = inspect_path(args.path)
     _say(json.dumps(info, indent=2, default=str))
@@ -241,7 +241,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import format_demo_table, run_demo
+    from qalora_export.demo import format_demo_table, run_demo
 
     report = run_demo(Path(args.workdir), steps=args.steps, formats=args.formats.split(","),
                       overwrite=True, log=_note, held_out_examples=args.held_out_examples)
@@ -250,7 +250,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_fetch_fixture(args) -> int:
-    from .fixture import smollm2_gguf_path
+    from qalora_export.fixtures.smollm2 import smollm2_gguf_path
 
     _say(str(smollm2_gguf_path()))
     return EXIT_OK

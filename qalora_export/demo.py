@@ -1,7 +1,7 @@
 """``demo``: the whole path on the SmolLM2-135M-Instruct fixture, with a measured before/after.
 
 quantize (RTN, 4-bit, group 32) -> train a short QA-LoRA run on the record-code task of
-``fixtures/instruct_task.py`` -> merge (fold into zero-points) -> export -> verify in the real
+``qalora_export/fixtures/instruct_task.py`` -> merge (fold into zero-points) -> export -> verify in the real
 runtime -> one table: held-out loss and exact-match accuracy of the quantized base, of base +
 adapter (unmerged), and of each merged artifact in its runtime, plus the verify gate's figures.
 """
@@ -32,8 +32,8 @@ def _evaluate(model, tokenizer, held_out: list[dict], dataset, log: Callable[[st
 
 def _score(model, tokenizer, held_out: list[dict], dataset) -> dict:
     """Held-out loss and exact-match accuracy of ``model`` (one table row)."""
-    from .evaluate import exact_match_accuracy, held_out_loss
-    from .fixtures.instruct_task import check_answer
+    from qalora_export.training.evaluate import exact_match_accuracy, held_out_loss
+    from qalora_export.fixtures.instruct_task import check_answer
 
     loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
     acc = exact_match_accuracy(model, tokenizer, held_out, check_answer, max_new_tokens=MAX_NEW_TOKENS)
@@ -52,8 +52,8 @@ def score_gptq_artifact(artifact: str, tokenizer_dir: str, held_out: list[dict])
     process by :func:`run_demo`: a runtime that crashes fails the demo, not the interpreter)."""
     from transformers import AutoTokenizer
 
-    from .data import build_dataset
-    from .runtimes.gptq_runtime import load_gptq_model
+    from qalora_export.training.examples import build_dataset
+    from qalora_export.formats.gptq.runtime import load_gptq_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dataset, _ = build_dataset(tokenizer, held_out, MAX_LENGTH)
@@ -69,21 +69,21 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     noisier table)."""
     from transformers import AutoTokenizer
 
-    from .converters import get_converter
-    from .data import build_dataset
-    from .extras import require
-    from .fixture import smollm2_float_dir, smollm2_gguf_path
-    from .fixtures.instruct_task import make_splits, write_jsonl
-    from .merged import MergedModel
-    from .model import build_model
-    from .adapter import load_adapter
-    from .quantize import quantize_model
-    from .train import TrainConfig, train_adapter
-    from .verify import verify_artifact
+    from qalora_export.formats import get_converter
+    from qalora_export.training.examples import build_dataset
+    from qalora_export.extras import require
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir, smollm2_gguf_path
+    from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
+    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.modeling.model import build_model
+    from qalora_export.core.adapter import load_adapter
+    from qalora_export.quantization.quantize import quantize_model
+    from qalora_export.training.train import TrainConfig, train_adapter
+    from qalora_export.verify import verify_artifact
 
     log = log or (lambda msg: None)
     if held_out_examples < 1:
-        from .errors import ConfigError
+        from qalora_export.errors import ConfigError
 
         raise ConfigError(f"--held-out-examples {held_out_examples}: the table needs at least 1 example")
     for fmt in formats:  # every optional runtime is checked before minutes of training
@@ -153,8 +153,8 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
         artifacts[fmt] = {"path": str(out), "summary": {k: v for k, v in summary.items() if k != "per_layer"},
                           "verify": _verify_digest(report)}
         if fmt == "gptq":
-            from .runtimes.gptq_runtime import RUNTIME
-            from .runtimes.isolation import call_isolated
+            from qalora_export.formats.gptq.runtime import RUNTIME
+            from qalora_export.runtimes.isolation import call_isolated
 
             t1 = time.time()
             row = call_isolated(f"{__name__}:score_gptq_artifact", {"artifact": out, "tokenizer_dir": base, "held_out": held_out}, RUNTIME)

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 
-from .errors import MissingExtraError
+from qalora_export.errors import MissingExtraError
 
 # extra name -> the import names of what it installs (pyproject.toml's [project.optional-dependencies])
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {

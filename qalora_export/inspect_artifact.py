@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from .errors import ConfigError
+from qalora_export.errors import ConfigError
 
 
 def inspect_path(path: Path) -> dict:
@@ -18,7 +18,7 @@ def inspect_path(path: Path) -> dict:
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _inspect_adapter(path)
     if path.is_dir() and (path / "model.onnx").is_file():
-        from .extras import Requirement, require
+        from qalora_export.extras import Requirement, require
 
         require(Requirement("onnx", ("onnx",)), f"inspect of the ONNX model {path}")
         return _inspect_onnx(path)
@@ -28,7 +28,7 @@ def inspect_path(path: Path) -> dict:
 
 
 def _inspect_gptq(path: Path) -> dict:
-    from .gptq_format import GPTQCheckpoint
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     ckpt = GPTQCheckpoint(path)
     zmin, zmax, act_order, params = None, None, False, 0
@@ -64,8 +64,8 @@ def _inspect_gptq(path: Path) -> dict:
 
 
 def _inspect_adapter(path: Path) -> dict:
-    from .adapter import AdapterError, load_adapter
-    from .io_utils import read_json
+    from qalora_export.core.adapter import AdapterError, load_adapter
+    from qalora_export.storage.atomic import read_json
 
     config = read_json(path / "adapter_config.json", AdapterError)
     try:

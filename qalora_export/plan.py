@@ -3,7 +3,7 @@
 Nothing is read but the model's shape, so a 70B conversion can be planned on any machine
 (``benchmarks/bench_scale.py --dry-run``). Shapes follow the LLaMA family (q/k/v/o, gate/up/down
 per layer; embeddings and norms fp16; ``lm_head`` fp16 and not quantized, as GPTQ checkpoints
-ship it), tensors as :mod:`qalora_export.gptq_format` lays them out.
+ship it), tensors as :mod:`qalora_export.checkpoint.gptq` lays them out.
 
 Memory model (every converter streams; see docs/scale.md): the peak is
 
@@ -25,8 +25,8 @@ from typing import Optional
 
 import torch
 
-from .packing import packed_length
-from .safetensors_stream import TensorSpec, plan_shards
+from qalora_export.core.packing import packed_length
+from qalora_export.storage.safetensors_stream import TensorSpec, plan_shards
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -123,7 +123,7 @@ def output_bytes(config: dict, fmt: str, bits: int, group_size: int) -> int:
         blocks = weights // min(group_size, 128)
         return weights * container // 8 + blocks * 8 + floats
     if fmt == "gguf":
-        from qalora_export.converters.gguf_spec import Q4_1_BLOCK_BYTES, QK4_1
+        from qalora_export.formats.gguf.spec import Q4_1_BLOCK_BYTES, QK4_1
 
         return weights // QK4_1 * Q4_1_BLOCK_BYTES + floats
     raise ValueError(f"unknown format {fmt!r}")

@@ -24,12 +24,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .errors import ConfigError, RuntimeCrashError
-from .extras import require
-from .merged import MergedModel
-from .runtimes.isolation import call_isolated
-from .tokenizer_check import check_tokenizer_matches
-from .weight_rows import WeightRows, row_blocks
+from qalora_export.errors import ConfigError, RuntimeCrashError
+from qalora_export.extras import require
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.runtimes.isolation import call_isolated
+from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
+from qalora_export.core.weight_rows import WeightRows, row_blocks
 
 # A runtime check that runs longer than this is taken for a hang (the fixture's GPTQ check, the
 # slowest, takes a few minutes on 2 cores); verify --runtime-timeout changes it.
@@ -170,7 +170,7 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
     Raises:
         MissingExtraError: ``runtime`` is asked and the format's runtime is not installed.
     """
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     artifact = Path(artifact)
     fmt = fmt or detect_format(artifact)
@@ -219,7 +219,7 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
 def runtime_level(fmt: str, artifact: str, base_dir: str, adapter_dir: Optional[str], pooling: Optional[str],
                   prompts: list[list[int]], device: str) -> dict:
     """Level 2, as run in verify's child process: the format's ``verify_runtime`` on ``artifact``."""
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     converter = get_converter(fmt)
     model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)

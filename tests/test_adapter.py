@@ -1,4 +1,4 @@
-"""Tests of qalora_export.adapter: adapter records, PEFT-layout I/O, pooling-convention inference."""
+"""Tests of qalora_export.core.adapter: adapter records, PEFT-layout I/O, pooling-convention inference."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qalora_export.adapter import (
+from qalora_export.core.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_METADATA,
     ADAPTER_WEIGHTS,
@@ -307,7 +307,7 @@ def test_load_does_not_modify_the_adapter_dir(tmp_path):
 def test_loaded_factors_are_read_one_module_at_a_time(tmp_path, monkeypatch):
     """load_adapter checks every tensor once and keeps none; a lookup reads only that module's A
     and B (kept until another module is read); assigned modules live in memory."""
-    import qalora_export.adapter as adapter_module
+    import qalora_export.core.adapter as adapter_module
 
     original = make_adapter()
     reads = []

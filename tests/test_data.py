@@ -1,4 +1,4 @@
-"""Tests of qalora_export.data: JSONL parsing, chat rendering and response masks, batching."""
+"""Tests of qalora_export.training.examples: JSONL parsing, chat rendering and response masks, batching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from qalora_export.data import (
+from qalora_export.training.examples import (
     IGNORE_INDEX,
     TokenizedExample,
     build_dataset,

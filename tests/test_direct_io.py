@@ -1,4 +1,4 @@
-"""DirectWriter (qalora_export/direct_io.py): the bytes are those a plain file would hold, with or
+"""DirectWriter (qalora_export/storage/direct_io.py): the bytes are those a plain file would hold, with or
 without O_DIRECT, from any start offset, for writes of any size; failures surface in the caller."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qalora_export import direct_io
-from qalora_export.direct_io import ALIGN, DirectWriter
+from qalora_export.storage import direct_io
+from qalora_export.storage.direct_io import ALIGN, DirectWriter
 
 
 def _chunks(rng: np.random.Generator, sizes: list[int]) -> list[bytes]:

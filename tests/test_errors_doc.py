@@ -1,8 +1,8 @@
 """``docs/errors.md`` cannot rot: it lists every typed error the code can raise, and every test it
 names exists.
 
-A *site* is a construction of a ``QALoRAExportError`` subclass in ``qalora_export/`` or
-``converters/`` (``raise ConfigError(f"...")``, or a helper that builds one), identified by its
+A *site* is a construction of a ``QALoRAExportError`` subclass in ``qalora_export/``
+(``raise ConfigError(f"...")``, or a helper that builds one), identified by its
 class, module, function and the head of its message (placeholders written ``{…}``). The
 catalogue's tables have one row per site with a ``site`` cell holding that key.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
-SOURCES = [*sorted((ROOT / "qalora_export").rglob("*.py")), *sorted((ROOT / "converters").glob("*.py"))]
+SOURCES = sorted((ROOT / "qalora_export").rglob("*.py"))
 TESTS = sorted((ROOT / "tests").rglob("test_*.py"))
 HEAD = 60  # characters of the message pattern in a site key
 

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.evaluate: the response-only loss, held-out loss and greedy accuracy."""
+"""Tests of qalora_export.training.evaluate: the response-only loss, held-out loss and greedy accuracy."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.data import IGNORE_INDEX, build_dataset, collate
-from qalora_export.evaluate import exact_match_accuracy, greedy_generate, held_out_loss, response_loss
-from qalora_export.model import build_model
-from qalora_export.train import load_tokenizer
+from qalora_export.training.examples import IGNORE_INDEX, build_dataset, collate
+from qalora_export.training.evaluate import exact_match_accuracy, greedy_generate, held_out_loss, response_loss
+from qalora_export.modeling.model import build_model
+from qalora_export.training.train import load_tokenizer
 
 RECORDS = [
     {"instruction": "w10 w11 w12", "output": "w12 w11 w10"},
@@ -68,7 +68,7 @@ def manual_greedy(model, ids: list[int], steps: int, eos: int) -> list[int]:
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(model, tokenizer):
-    from qalora_export.data import render
+    from qalora_export.training.examples import render
 
     prompts = [[{"role": "user", "content": "w10 w11 w12 w13 w14 w15"}], [{"role": "user", "content": "w40"}]]
     batched = greedy_generate(model, tokenizer, prompts, max_new_tokens=6)
@@ -90,8 +90,8 @@ def test_exact_match_accuracy_counts_the_checker(model, tokenizer):
 
 
 def test_cached_base_weights_change_nothing_and_are_released(model, tokenizer):
-    from qalora_export.evaluate import cached_base_weights
-    from qalora_export.qalora_layer import QALoRALinear
+    from qalora_export.training.evaluate import cached_base_weights
+    from qalora_export.modeling.qalora_linear import QALoRALinear
 
     prompts = [[{"role": "user", "content": "w10 w11 w12"}], [{"role": "user", "content": "w7"}]]
     plain = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, cache_weights=False)

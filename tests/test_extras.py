@@ -82,7 +82,7 @@ def test_requirement_modules_must_belong_to_the_extra():
 
 
 def test_get_converter_maps_a_missing_extra_module(tmp_path, monkeypatch):
-    from qalora_export import converters
+    from qalora_export import formats as converters
 
     (tmp_path / "needs_genai_format.py").write_text("import onnxruntime_genai\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -55,12 +55,12 @@ def zygote() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import qalora_export.adapter  # noqa: F401
-    import qalora_export.converters.gguf  # noqa: F401
-    import qalora_export.converters.gptq  # noqa: F401
-    import qalora_export.converters.onnx  # noqa: F401
-    import qalora_export.quantize  # noqa: F401
-    import qalora_export.train  # noqa: F401
+    import qalora_export.core.adapter  # noqa: F401
+    import qalora_export.formats.gguf.format  # noqa: F401
+    import qalora_export.formats.gptq.format  # noqa: F401
+    import qalora_export.formats.onnx.format  # noqa: F401
+    import qalora_export.quantization.quantize  # noqa: F401
+    import qalora_export.training.train  # noqa: F401
     from qalora_export import cli
 
     print(json.dumps({"ready": True}), flush=True)
@@ -219,11 +219,11 @@ def output_of(argv: list[str]) -> Path:
 def snapshot(path: Path, inp: dict, kind: str):
     """What a complete output holds (to compare a survivor with the reference run's)."""
     if kind == "quantize":
-        from qalora_export.gptq_format import GPTQCheckpoint
+        from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
         return GPTQCheckpoint(path).fingerprint()
     if kind == "train":
-        from qalora_export.adapter import load_adapter
+        from qalora_export.core.adapter import load_adapter
 
         ad = load_adapter(path)
         return {n: (l.lora_A.tolist(), l.lora_B.tolist()) for n, l in ad.layers.items()}
@@ -236,7 +236,7 @@ def snapshot(path: Path, inp: dict, kind: str):
 
 def not_logs(directory: Path) -> list[str]:
     """Entries of ``directory`` except train's metrics log: it streams one row per step while
-    training (``<output>.metrics.jsonl``, qalora_export/train_metrics.py) and a killed or failed
+    training (``<output>.metrics.jsonl``, qalora_export/training/metrics_log.py) and a killed or failed
     run keeps the rows it logged, by design; it is a log, not the output."""
     return sorted(p.name for p in directory.iterdir() if not p.name.endswith(".metrics.jsonl"))
 

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.fold: folding a QA-LoRA adapter into the zero-points (DESIGN.md §2).
+"""Tests of qalora_export.core.fold: folding a QA-LoRA adapter into the zero-points (DESIGN.md §2).
 
 The fold is exact in float64: ``scale * (q - zero') == scale * (q - zero) + dW`` for every weight.
 Record-level tests build layers in memory (fast, every bit width / group size / act-order);
@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter, adapter_delta, load_adapter
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, adapter_delta, load_adapter
 from qalora_export.errors import AdapterError, FoldError
-from qalora_export.fold import effective_weight, fold_into_zero_points, pooling_group_of_quant_groups
-from qalora_export.gptq_format import GPTQCheckpoint, GPTQConfig, decode_layer, encode_layer
-from qalora_export.merged import MergedModel
-from qalora_export.quant import quantize_rtn
+from qalora_export.core.fold import effective_weight, fold_into_zero_points, pooling_group_of_quant_groups
+from qalora_export.checkpoint.gptq import GPTQCheckpoint, GPTQConfig, decode_layer, encode_layer
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.core.record import quantize_rtn
 
 NAME = "model.layers.0.mlp.up_proj"
 REL = 1e-12

@@ -85,7 +85,7 @@ def test_a_changed_weight_byte_is_never_silent(tpl, ws, seed, original, data):
     result = harness.check_typed("gguf", bytes(damaged), tpl, ws)
     if isinstance(result, QALoRAExportError):
         return
-    from qalora_export.converters.gguf_spec import hf_linear_name
+    from qalora_export.formats.gguf.spec import hf_linear_name
 
     module = hf_linear_name(name)
     assert not torch.equal(result["weights"][module], original["weights"][module]), f"a flipped byte of {name} was not seen"
@@ -128,14 +128,14 @@ def _write_gguf(path: Path, tensors: dict, head_count=2) -> Path:
 
 
 def test_missing_file_is_refused(tmp_path):
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     with pytest.raises(CheckpointError, match="does not exist"):
         list(get_converter("gguf").read_weights(tmp_path / "nope.gguf"))
 
 
 def test_unreadable_path_in_type_scan_is_refused(tmp_path):
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     with pytest.raises(CheckpointError, match="cannot read GGUF file"):
         get_converter("gguf").read_file_types(tmp_path)  # a directory
@@ -145,7 +145,7 @@ def test_unreadable_path_in_type_scan_is_refused(tmp_path):
 
 
 def test_weight_that_is_not_2d_is_refused(tmp_path):
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     path = _write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": np.ones((2, 4, 32), dtype=np.float32)})
     with pytest.raises(CheckpointError, match="3-D, expected a 2-D weight"):
@@ -154,7 +154,7 @@ def test_weight_that_is_not_2d_is_refused(tmp_path):
 
 def test_undecodable_tensor_is_refused(tmp_path):
     """q rows that cannot be split into the declared heads' rotary pairs."""
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     path = _write_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.ones((6, 32), dtype=np.float32)}, head_count=4)
     with pytest.raises(CheckpointError, match="cannot be decoded"):
@@ -168,7 +168,7 @@ def test_array_count_past_the_end_is_refused_not_a_hang(tmp_path):
 
     import gguf
 
-    from qalora_export.converters import get_converter
+    from qalora_export.formats import get_converter
 
     path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(path), "llama")

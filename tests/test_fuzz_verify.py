@@ -22,7 +22,7 @@ import harness  # noqa: E402
 from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 
-from qalora_export.converters import get_converter  # noqa: E402
+from qalora_export.formats import get_converter  # noqa: E402
 from qalora_export.errors import QALoRAExportError  # noqa: E402
 from qalora_export.verify import verify_artifact  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.gptq_format: the AutoGPTQ codec, the streaming reader and the writer.
+"""Tests of qalora_export.checkpoint.gptq: the AutoGPTQ codec, the streaming reader and the writer.
 
 Bad input must give a :class:`CheckpointError` naming the file or tensor, never a crash from
 safetensors or torch. (Golden tests against GPTQModel itself: ``test_gptq_golden.py``.)
@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import tiny_models
 from qalora_export.errors import CheckpointError, FormatLimitError
-from qalora_export.gptq_format import (
+from qalora_export.checkpoint.gptq import (
     INDEX_FILE,
     CheckpointWriter,
     GPTQCheckpoint,
@@ -30,8 +30,8 @@ from qalora_export.gptq_format import (
     write_configs,
     zero_range,
 )
-from qalora_export.packing import pack_codes, unpack_codes
-from qalora_export.quant import quantize_rtn
+from qalora_export.core.packing import pack_codes, unpack_codes
+from qalora_export.core.record import quantize_rtn
 
 BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")

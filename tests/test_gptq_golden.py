@@ -5,7 +5,7 @@
    dequantization, and re-encoding our decode gives bit-identical qweight/qzeros/scales/g_idx.
 2. Checkpoints written by us (``make_tiny_base``: every bit width, both checkpoint formats,
    act-order or not) load in transformers + GPTQModel, which dequantizes them to our weights and
-   computes the logits of :func:`qalora_export.model.build_model`.
+   computes the logits of :func:`qalora_export.modeling.model.build_model`.
 
 Tolerance: GPTQModel's ``gptq_torch`` kernel dequantizes in float16 (``scale * (q - zero)``
 rounded once to fp16), while our decode is exact (fp16 scales widened, computed in float64). So
@@ -32,8 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tiny_models
-from qalora_export.gptq_format import GPTQCheckpoint, encode_layer
-from qalora_export.packing import pack_codes, unpack_codes
+from qalora_export.checkpoint.gptq import GPTQCheckpoint, encode_layer
+from qalora_export.core.packing import pack_codes, unpack_codes
 
 pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
@@ -208,7 +208,7 @@ WRITER_CONFIGS = [
 @pytest.mark.parametrize("bits, fmt, act", WRITER_CONFIGS,
                          ids=[f"w{b}-{f}-{'act' if a else 'noact'}" for b, f, a in WRITER_CONFIGS])
 def test_our_checkpoint_loads_in_gptqmodel_with_our_logits(tmp_path, bits, fmt, act):
-    from qalora_export.model import build_model
+    from qalora_export.modeling.model import build_model
 
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=bits, group_size=32, act_order=act,
                                       checkpoint_format=fmt, seed=bits)

@@ -1,4 +1,4 @@
-"""GPTQ one decoder layer at a time (qalora_export.gptq_layerwise): one layer in memory, chunking
+"""GPTQ one decoder layer at a time (qalora_export.quantization.gptq_layerwise): one layer in memory, chunking
 and storage dtype of the calibration activations, device flags.
 
 No timing is asserted.
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export import gptq_layerwise
+from qalora_export.quantization import gptq_layerwise
 from qalora_export.errors import ConfigError
-from qalora_export.float_model import open_float_model
-from qalora_export.gptq_quant import calibration_batch
-from qalora_export.quantize import quantize_model
+from qalora_export.checkpoint.float_source import open_float_model
+from qalora_export.quantization.gptq import calibration_batch
+from qalora_export.quantization.quantize import quantize_model
 
 
 def random_text(n_words: int, seed: int) -> str:

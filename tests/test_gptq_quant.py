@@ -1,4 +1,4 @@
-"""GPTQ quantization (qalora_export.gptq_quant, quantize --method gptq) on tiny layers and models."""
+"""GPTQ quantization (qalora_export.quantization.gptq, quantize --method gptq) on tiny layers and models."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 import tiny_models
 from qalora_export.errors import ConfigError
-from qalora_export.gptq_quant import calibration_text, gptq_quantize, hessian
-from qalora_export.model import build_model
-from qalora_export.quant import quantize_rtn
-from qalora_export.quantize import quantize_model
+from qalora_export.quantization.gptq import calibration_text, gptq_quantize, hessian
+from qalora_export.modeling.model import build_model
+from qalora_export.core.record import quantize_rtn
+from qalora_export.quantization.quantize import quantize_model
 from test_peft_parity import gptqmodel_base, logits, no_compile
 
 
@@ -46,8 +46,8 @@ def test_gptq_output_error_is_not_worse_than_rtn(bits, act_order):
 
 @pytest.mark.parametrize("bits", [2, 4])
 def test_group_aware_order_keeps_contiguous_groups_and_beats_rtn(bits):
-    from qalora_export.gptq_quant import _visiting_order
-    from qalora_export.quant import contiguous_g_idx
+    from qalora_export.quantization.gptq import _visiting_order
+    from qalora_export.core.record import contiguous_g_idx
 
     gen = torch.Generator().manual_seed(10 + bits)
     weight = torch.randn(40, 64, generator=gen, dtype=torch.float64) * 0.05
@@ -113,7 +113,7 @@ def test_act_order_gptq_checkpoint_loads_in_gptqmodel(tmp_path):
 
 def test_cli_quantize_gptq_flags(tmp_path):
     from qalora_export import cli
-    from qalora_export.gptq_format import GPTQCheckpoint
+    from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     float_dir = tiny_models.make_tiny_llama(tmp_path / "float", layers=1)
     calib = tmp_path / "calib.txt"

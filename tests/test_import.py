@@ -16,19 +16,19 @@ OPTIONAL_RUNTIMES = ("onnxruntime", "llama_cpp", "gptqmodel", "peft", "optimum",
 
 CORE_MODULES = (
     "qalora_export",
-    "qalora_export.converters",
+    "qalora_export.formats",
     "qalora_export.errors",
-    "qalora_export.io_utils",
-    "qalora_export.packing",
-    "qalora_export.quant",
-    "qalora_export.gptq_format",
-    "qalora_export.adapter",
-    "qalora_export.fold",
-    "qalora_export.merged",
-    "qalora_export.qalora_layer",
-    "qalora_export.model",
-    "qalora_export.quantize",
-    "qalora_export.float_model",
+    "qalora_export.storage.atomic",
+    "qalora_export.core.packing",
+    "qalora_export.core.record",
+    "qalora_export.checkpoint.gptq",
+    "qalora_export.core.adapter",
+    "qalora_export.core.fold",
+    "qalora_export.checkpoint.merged_view",
+    "qalora_export.modeling.qalora_linear",
+    "qalora_export.modeling.model",
+    "qalora_export.quantization.quantize",
+    "qalora_export.checkpoint.float_source",
     "qalora_export.cli",
     "qalora_export.console",
     "qalora_export.extras",
@@ -53,7 +53,7 @@ def probe(module: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["qalora_export", "qalora_export.converters"])
+@pytest.mark.parametrize("module", ["qalora_export", "qalora_export.formats"])
 def test_package_import_is_cheap(module):
     result = probe(module)
     assert result["modules"] == [], f"importing {module} imported {result['modules']}"

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import load_adapter
-from qalora_export.fold import effective_weight, fold_into_zero_points, round_zero_shift
-from qalora_export.gptq_format import GPTQCheckpoint, zero_range
-from qalora_export.merged import MergedModel
-from qalora_export.model import build_model, qalora_modules
-from qalora_export.train import TrainConfig, train_adapter
+from qalora_export.core.adapter import load_adapter
+from qalora_export.core.fold import effective_weight, fold_into_zero_points, round_zero_shift
+from qalora_export.checkpoint.gptq import GPTQCheckpoint, zero_range
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.modeling.model import build_model, qalora_modules
+from qalora_export.training.train import TrainConfig, train_adapter
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 
-from converters import gptq as gptq_converter
+from qalora_export.formats.gptq import format as gptq_converter
 
 
 def test_round_zero_shift_rounds_clamps_and_passes_gradients_straight_through():

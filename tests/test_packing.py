@@ -1,4 +1,4 @@
-"""Tests of qalora_export.packing: GPTQ bit-stream packing of 2/3/4/8-bit codes into int32 words."""
+"""Tests of qalora_export.core.packing: GPTQ bit-stream packing of 2/3/4/8-bit codes into int32 words."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qalora_export.errors import FormatLimitError
-from qalora_export.packing import (
+from qalora_export.core.packing import (
     SUPPORTED_BITS,
     cycle_codes,
     pack_codes,

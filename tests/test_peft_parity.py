@@ -24,10 +24,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import ADAPTER_METADATA, load_adapter
-from qalora_export.model import TARGET_MODULES, build_model
-from qalora_export.qalora_layer import QALoRALinear
-from qalora_export.train import TrainConfig, train_adapter
+from qalora_export.core.adapter import ADAPTER_METADATA, load_adapter
+from qalora_export.modeling.model import TARGET_MODULES, build_model
+from qalora_export.modeling.qalora_linear import QALoRALinear
+from qalora_export.training.train import TrainConfig, train_adapter
 
 GROUP_SIZE = 16
 

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.qalora_layer: the QA-LoRA linear layer over packed codes, and PEFT parity.
+"""Tests of qalora_export.modeling.qalora_linear: the QA-LoRA linear layer over packed codes, and PEFT parity.
 
 The layer computes ``x @ W_hat.T + bias + s * k * (pool_sum(x) @ A.T) @ B.T`` (DESIGN.md §2);
 it must equal ``x @ effective_weight.T`` (the fold's reference) and PEFT's own QA-LoRA forward
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter, load_adapter, pooling_factor
-from qalora_export.fold import effective_weight, fold_into_zero_points
-from qalora_export.qalora_layer import QALoRALinear
-from qalora_export.quant import quantize_rtn
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, load_adapter, pooling_factor
+from qalora_export.core.fold import effective_weight, fold_into_zero_points
+from qalora_export.modeling.qalora_linear import QALoRALinear
+from qalora_export.core.record import quantize_rtn
 
 NAME = "model.layers.0.mlp.up_proj"
 
@@ -138,7 +138,7 @@ def test_unmerged_forward_equals_peft_qalora_on_gptqmodel(tmp_path, fmt):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, GPTQConfig
 
-    from qalora_export.model import build_model
+    from qalora_export.modeling.model import build_model
 
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, checkpoint_format=fmt)
     adapter_dir = tiny_models.make_random_adapter(base, tmp_path / "adapter", pooling="peft",

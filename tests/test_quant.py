@@ -1,4 +1,4 @@
-"""Tests of qalora_export.quant: the QuantizedLinear record and min-max RTN quantization."""
+"""Tests of qalora_export.core.record: the QuantizedLinear record and min-max RTN quantization."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qalora_export.errors import ConfigError
-from qalora_export.quant import QuantizedLinear, check_quant_args, contiguous_g_idx, quantize_rtn
+from qalora_export.core.record import QuantizedLinear, check_quant_args, contiguous_g_idx, quantize_rtn
 
 
 def on_grid_weight(out: int, in_: int, bits: int, group_size: int, seed: int):
@@ -176,7 +176,7 @@ def test_non_2d_weight_is_a_config_error():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_all_finite_finds_every_nan_and_infinity(dtype):
-    from qalora_export.quant import all_finite
+    from qalora_export.core.record import all_finite
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(33, 17, generator=gen).to(dtype)

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.quantize: float model -> GPTQ checkpoint by RTN, atomically, inputs untouched."""
+"""Tests of qalora_export.quantization.quantize: float model -> GPTQ checkpoint by RTN, atomically, inputs untouched."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 import tiny_models
 from qalora_export.errors import CheckpointError, ConfigError, OutputExistsError, UnsupportedModelError
-from qalora_export.gptq_format import INDEX_FILE, GPTQCheckpoint, GPTQConfig
-from qalora_export.quant import quantize_rtn
-from qalora_export.quantize import quantize_model
+from qalora_export.checkpoint.gptq import INDEX_FILE, GPTQCheckpoint, GPTQConfig
+from qalora_export.core.record import quantize_rtn
+from qalora_export.quantization.quantize import quantize_model
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_not_a_float_model(float_dir, tmp_path):
 
 
 def test_failure_midway_leaves_no_partial_output(float_dir, tmp_path, monkeypatch):
-    import qalora_export.quantize as qmod
+    import qalora_export.quantization.quantize as qmod
 
     calls = {"n": 0}
     real = qmod.encode_layer

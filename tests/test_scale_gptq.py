@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_models
-from qalora_export.converters import gptq as gptq_converter
-from qalora_export.gptq_format import INDEX_FILE, CheckpointWriter, GPTQCheckpoint, encode_layer
-from qalora_export.merged import MergedModel
-from qalora_export.safetensors_stream import TensorSpec, header_bytes, plan_shards
+from qalora_export.formats.gptq import format as gptq_converter
+from qalora_export.checkpoint.gptq import INDEX_FILE, CheckpointWriter, GPTQCheckpoint, encode_layer
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.storage.safetensors_stream import TensorSpec, header_bytes, plan_shards
 
 CASES = [  # bits, group size, act-order, checkpoint format
     (2, 16, False, "gptq_v2"),
@@ -182,7 +182,7 @@ def test_stored_tensors_are_copied_byte_for_byte(tmp_path, monkeypatch, kernel_c
     import errno
     import os
 
-    from qalora_export.safetensors_stream import write_file
+    from qalora_export.storage.safetensors_stream import write_file
 
     path, tensors = _stored_file(tmp_path)
     base_dir = tmp_path / "base"

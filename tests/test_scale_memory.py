@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.gptq_format import CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs
-from qalora_export.packing import pack_codes
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
+from qalora_export.checkpoint.gptq import CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs
+from qalora_export.core.packing import pack_codes
 from qalora_export.plan import checkpoint_tensors, linear_shapes
 
 BITS, GROUP_SIZE = 4, 128

@@ -8,8 +8,8 @@ import torch
 
 import benchmark_scripts
 import tiny_models
-from qalora_export.adapter import load_adapter
-from qalora_export.model import build_model
+from qalora_export.core.adapter import load_adapter
+from qalora_export.modeling.model import build_model
 
 
 def load_table1():

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.train: the QA-LoRA training loop on tiny GPTQ bases.
+"""Tests of qalora_export.training.train: the QA-LoRA training loop on tiny GPTQ bases.
 
 A tiny random LLaMA quantized by RTN learns a small copy task (answer = the instruction's words
 reversed) written into a JSONL file by the test. Checked: the loss goes down, nothing but the
@@ -25,16 +25,16 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import load_adapter
-from qalora_export.data import collate
+from qalora_export.core.adapter import load_adapter
+from qalora_export.training.examples import collate
 from qalora_export.errors import (CheckpointError, ConfigError, DataError, OutputExistsError, TrainingError,
                                   UnsupportedModelError)
-from qalora_export.evaluate import held_out_loss
-from qalora_export.fold import effective_weight, fold_into_zero_points
-from qalora_export.gptq_format import GPTQCheckpoint
-from qalora_export.model import TARGET_MODULES, build_model, qalora_modules
-from qalora_export.qalora_layer import QALoRALinear
-from qalora_export.train import (
+from qalora_export.training.evaluate import held_out_loss
+from qalora_export.core.fold import effective_weight, fold_into_zero_points
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.modeling.model import TARGET_MODULES, build_model, qalora_modules
+from qalora_export.modeling.qalora_linear import QALoRALinear
+from qalora_export.training.train import (
     TRAINING_LOG,
     BatchStream,
     TrainConfig,

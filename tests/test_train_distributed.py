@@ -30,13 +30,13 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.adapter import load_adapter
-from qalora_export.data import collate
+from qalora_export.core.adapter import load_adapter
+from qalora_export.training.examples import collate
 from qalora_export.errors import ConfigError, OutputWriteError, TrainingError
-from qalora_export.model import build_model
-from qalora_export.train import (TrainConfig, adapter_parameters, init_adapters, load_tokenizer, lr_lambda,
+from qalora_export.modeling.model import build_model
+from qalora_export.training.train import (TrainConfig, adapter_parameters, init_adapters, load_tokenizer, lr_lambda,
                                  make_optimizer, prepare_data, train_adapter, train_step)
-from qalora_export.train_distributed import (enable_gradient_checkpointing, launcher_rank, setup_distributed,
+from qalora_export.training.distributed import (enable_gradient_checkpointing, launcher_rank, setup_distributed,
                                              shard_bounds)
 from test_train import GROUP_SIZE, copy_task, write_jsonl
 
@@ -126,7 +126,7 @@ def _failing_worker(rank: int, world: int, port: int, base: str, data: str, root
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    import qalora_export.train_distributed as td
+    import qalora_export.training.distributed as td
 
     # A group the caller opened (as an accelerate Accelerator would): train_adapter uses it as is.
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)

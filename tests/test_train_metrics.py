@@ -16,8 +16,8 @@ import torch
 import tiny_models
 from qalora_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qalora_export.errors import ConfigError, OutputWriteError
-from qalora_export.train import TrainConfig, iter_training_log, train_adapter
-from qalora_export.train_metrics import LOSS_CURVE, MetricsLog, default_metrics_path
+from qalora_export.training.train import TrainConfig, iter_training_log, train_adapter
+from qalora_export.training.metrics_log import LOSS_CURVE, MetricsLog, default_metrics_path
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 
 ROW_KEYS = {"step", "loss", "lr", "tokens", "response_tokens", "tokens_per_s", "grad_norm", "seconds"}

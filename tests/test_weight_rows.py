@@ -18,12 +18,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "converters"))
 import gguf_helpers  # noqa: E402
 import tiny_models  # noqa: E402
-from qalora_export import weight_rows  # noqa: E402
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter  # noqa: E402
-from qalora_export.converters import get_converter  # noqa: E402
-from qalora_export.fold import effective_weight, effective_weight_rows  # noqa: E402
-from qalora_export.merged import MergedModel  # noqa: E402
-from qalora_export.quant import QuantizedLinear, contiguous_g_idx  # noqa: E402
+from qalora_export.core import weight_rows  # noqa: E402
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter  # noqa: E402
+from qalora_export.formats import get_converter  # noqa: E402
+from qalora_export.core.fold import effective_weight, effective_weight_rows  # noqa: E402
+from qalora_export.checkpoint.merged_view import MergedModel  # noqa: E402
+from qalora_export.core.record import QuantizedLinear, contiguous_g_idx  # noqa: E402
 from qalora_export.verify import weight_report  # noqa: E402
 
 BLOCKS = [(0, 3), (3, 4), (4, 17), (17, 24)]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from qalora_export.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.gptq_format import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer, write_configs,
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
+from qalora_export.checkpoint.gptq import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer, write_configs,
                                        zero_range)
-from qalora_export.io_utils import atomic_output_dir
-from qalora_export.quant import quantize_rtn
+from qalora_export.storage.atomic import atomic_output_dir
+from qalora_export.core.record import quantize_rtn
 
 TINY_VOCAB = 128
 
@@ -68,7 +68,7 @@ def make_tiny_base(out_dir: Path, bits: int = 4, group_size: int = 32, act_order
     if not float_dir.exists():
         make_tiny_llama(float_dir, seed=seed, **llama_kwargs)
     if not act_order:
-        from qalora_export.quantize import quantize_model
+        from qalora_export.quantization.quantize import quantize_model
 
         quantize_model(float_dir, out_dir, bits, group_size, checkpoint_format)
         return Path(out_dir)
@@ -105,7 +105,7 @@ def make_random_adapter(base_dir: Path, out_dir: Path, rank: int = 4, alpha: flo
     number of code units (the shift ``D / scale`` is an integer in {-1, 0, 1}): A = identity-like
     selections, B = integer * scale / (s * k), requiring rank >= number of groups.
     """
-    from qalora_export.adapter import pooling_factor
+    from qalora_export.core.adapter import pooling_factor
 
     ckpt = GPTQCheckpoint(base_dir)
     gen = torch.Generator().manual_seed(seed)

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import QALoRAExportError, RuntimeCrashError
+from qalora_export.errors import QALoRAExportError, RuntimeCrashError
 
 # Set in the child's environment: a nested call_isolated runs inline.
 INSIDE_CHILD_ENV = "QALORA_EXPORT_ISOLATED_CHILD"
@@ -115,7 +115,7 @@ def _replay(path: Path) -> None:
 
 
 def _raise_child_error(error: dict, runtime: RuntimeInfo) -> None:
-    from .. import errors
+    from qalora_export import errors
 
     cls = getattr(errors, error.get("type", ""), None)
     if isinstance(cls, type) and issubclass(cls, QALoRAExportError) and cls is not RuntimeCrashError:

@@ -11,11 +11,11 @@ import torch
 
 import gguf_helpers
 import tiny_models
-from qalora_export.converters import gguf as G
-from qalora_export.converters import gguf_spec as spec
+from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import spec as spec
 from qalora_export.errors import ConfigError, FormatLimitError, OutputExistsError, UnsupportedModelError
-from qalora_export.merged import MergedModel
-from qalora_export.runtimes import llamacpp
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.formats.gguf import runtime as llamacpp
 
 PROMPTS = [[1, 40, 77, 100, 200, 30, 31, 250], [10, 20, 30, 40, 50, 60, 70, 80, 90, 300, 5]]
 
@@ -206,7 +206,7 @@ def test_runtime_within_llama_cpp_noise_floor(merged, artifact, tmp_path):
 
 def test_runtime_detects_a_wrong_fold(merged, base, tmp_path):
     """A GGUF of the base *without* the adapter must fail against base + adapter."""
-    from qalora_export.adapter import AdapterLayer, QALoRAAdapter
+    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
 
     strong = QALoRAAdapter(
         layers={n: AdapterLayer(l.lora_A * 6, l.lora_B * 6) for n, l in merged.adapter.layers.items()},
@@ -237,7 +237,7 @@ def _edit_config(base: Path, dst: Path, **changes) -> Path:
 
 
 def _f32_kl(model: MergedModel, tmp_path: Path) -> float:
-    from qalora_export.metrics import compare_logits
+    from qalora_export.runtimes.compare import compare_logits
 
     out = tmp_path / "f32.gguf"
     G.export(model, out, weights_dtype="f32", embeddings="f32", overwrite=True)
@@ -348,7 +348,7 @@ def test_attention_biases_are_permuted_like_rows(tmp_path):
     """LLaMA with attention_bias: q/k biases take the rows' permutation; llama.cpp then matches transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qalora_export.quantize import quantize_model
+    from qalora_export.quantization.quantize import quantize_model
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -14,11 +14,11 @@ import torch
 
 import gguf_helpers
 import tiny_models
-from qalora_export.converters import gguf as G
-from qalora_export.converters import gguf_spec as spec
-from qalora_export.merged import MergedModel
-from qalora_export.packing import pack_codes
-from qalora_export.quant import QuantizedLinear, contiguous_g_idx
+from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import spec as spec
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.core.packing import pack_codes
+from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.converters import gguf as G
-from qalora_export.merged import MergedModel
+from qalora_export.formats.gguf import format as G
+from qalora_export.checkpoint.merged_view import MergedModel
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The Q4_1 block codec and the q/k permutation of converters/gguf_spec.py, without models."""
+"""The Q4_1 block codec and the q/k permutation of qalora_export/formats/gguf/spec.py, without models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qalora_export.converters import gguf_spec as spec
+from qalora_export.formats.gguf import spec as spec
 
 
 def _finite_f16(shape):

@@ -17,11 +17,11 @@ import pytest
 import gguf_helpers
 import tiny_models
 from qalora_export.cli import EXIT_OK, main
-from qalora_export.converters import gguf as G
-from qalora_export.converters import gguf_spec as spec
+from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import spec as spec
 from qalora_export.errors import CheckpointError, OutputExistsError
-from qalora_export.merged import MergedModel
-from qalora_export.runtimes import llamacpp
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.formats.gguf import runtime as llamacpp
 from qalora_export.verify import weight_report
 
 SPLIT_BYTES = 16 << 10  # the tiny model's tensors take about 80 KiB: several files

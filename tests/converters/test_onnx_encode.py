@@ -1,4 +1,4 @@
-"""encode_linear (converters/onnx.py): a folded record -> MatMulNBits inputs, decoded back exactly."""
+"""encode_linear (qalora_export/formats/onnx/format.py): a folded record -> MatMulNBits inputs, decoded back exactly."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qalora_export.converters import onnx as onnx_conv
-from qalora_export.converters import onnx_spec as spec
+from qalora_export.formats.onnx import format as onnx_conv
+from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError
-from qalora_export.quant import QuantizedLinear, contiguous_g_idx
+from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 
 
 def _record(bits, group_size, groups, out, act_order, fractional, seed) -> QuantizedLinear:

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.converters import onnx as onnx_conv
-from qalora_export.converters import onnx_spec as spec
+from qalora_export.formats.onnx import format as onnx_conv
+from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError, OutputExistsError, UnsupportedModelError
-from qalora_export.merged import MergedModel
+from qalora_export.checkpoint.merged_view import MergedModel
 
 # Prompts free of the tiny tokenizer's special ids (pad = 3 is masked by onnxruntime-genai).
 PROMPTS = [[1, 5, 9, 20, 33, 4, 7, 61, 12], [1, 100, 5, 6], [40]]
@@ -159,7 +159,7 @@ def test_eight_bit(make_pair, tmp_path):
 
 
 def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
-    from qalora_export.runtimes import onnxrt
+    from qalora_export.formats.onnx import runtime as onnxrt
 
     model = MergedModel.open(*make_pair(4, 32))
     out4 = tmp_path / "acc4"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.converters import onnx as onnx_converter
-from qalora_export.converters import onnx_spec as spec
-from qalora_export.merged import MergedModel
-from qalora_export.packing import pack_codes, unpack_codes
+from qalora_export.formats.onnx import format as onnx_converter
+from qalora_export.formats.onnx import spec as spec
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.core.packing import pack_codes, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_export.converters.onnx_graph import rotary_caches
-from qalora_export.model import hf_config_from
+from qalora_export.formats.onnx.graph import rotary_caches
+from qalora_export.modeling.model import hf_config_from
 
 BASE = {"model_type": "llama", "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
         "intermediate_size": 128, "num_hidden_layers": 1, "vocab_size": 64, "max_position_embeddings": 256}

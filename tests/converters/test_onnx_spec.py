@@ -1,4 +1,4 @@
-"""MatMulNBits layout codec (converters/onnx_spec.py): round trips, pinned bytes, onnxruntime agreement."""
+"""MatMulNBits layout codec (qalora_export/formats/onnx/spec.py): round trips, pinned bytes, onnxruntime agreement."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qalora_export.converters import onnx_spec as spec
+from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError
 
 

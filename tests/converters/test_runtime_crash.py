@@ -12,10 +12,10 @@ import pytest
 import gguf_helpers
 import tiny_models
 from qalora_export.cli import EXIT_VERIFY_FAILED, main
-from qalora_export.converters import gguf as G
+from qalora_export.formats.gguf import format as G
 from qalora_export.errors import RuntimeCrashError
-from qalora_export.merged import MergedModel
-from qalora_export.runtimes import llamacpp
+from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.formats.gguf import runtime as llamacpp
 
 # Imported at start-up by every child interpreter whose PYTHONPATH starts with its directory:
 # llama.cpp's decode then dereferences NULL, a real segmentation fault inside the runtime's process

@@ -12,8 +12,8 @@ import pytest
 
 import gguf_helpers
 import tiny_models
-from qalora_export.converters import gguf as G
-from qalora_export.merged import MergedModel
+from qalora_export.formats.gguf import format as G
+from qalora_export.checkpoint.merged_view import MergedModel
 
 
 @pytest.mark.parametrize("embeddings", ["f16", "f32", "q8_0"])

@@ -15,9 +15,9 @@ import torch
 from onnx import TensorProto, helper
 
 import tiny_models
-from qalora_export.converters import onnx as onnx_converter
-from qalora_export.converters import onnx_graph
-from qalora_export.merged import MergedModel
+from qalora_export.formats.onnx import format as onnx_converter
+from qalora_export.formats.onnx import graph as onnx_graph
+from qalora_export.checkpoint.merged_view import MergedModel
 
 
 def original_add(self, name: str, array: np.ndarray) -> TensorProto:

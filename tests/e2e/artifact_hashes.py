@@ -56,8 +56,8 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(HERE.parent))
     import tiny_models  # noqa: E402  (tests/ helpers)
 
-    from qalora_export.converters import get_converter
-    from qalora_export.merged import MergedModel
+    from qalora_export.formats import get_converter
+    from qalora_export.checkpoint.merged_view import MergedModel
 
     adapter = tiny_models.make_random_adapter(base, workdir / "adapter", rank=8, alpha=16.0, seed=7)
     hashes = {"adapter": tree_hashes(adapter, base.parent)}
@@ -72,7 +72,7 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
 
 def quantize_and_export_all(float_dir: Path, workdir: Path) -> dict[str, dict[str, str]]:
     """RTN w4 g32 gptq_v2 of ``float_dir`` (the fixture), then :func:`export_all` on it."""
-    from qalora_export.quantize import quantize_model
+    from qalora_export.quantization.quantize import quantize_model
 
     base = workdir / "base"
     quantize_model(float_dir, base, bits=4, group_size=32, checkpoint_format="gptq_v2")
@@ -82,7 +82,7 @@ def quantize_and_export_all(float_dir: Path, workdir: Path) -> dict[str, dict[st
 def main() -> None:
     import tempfile
 
-    from qalora_export.fixture import smollm2_float_dir
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         hashes = quantize_and_export_all(smollm2_float_dir(), Path(tmp))

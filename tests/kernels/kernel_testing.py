@@ -61,7 +61,7 @@ def random_packed_base(bits: int, in_features: int, out_features: int, group_siz
     Returns ``(codes [in, out] int64, qweight, scales f32 [G, out], zeros f64 [G, out], g_idx int64 [in])``
     on :data:`DEVICE`; nothing is zero by construction except by chance.
     """
-    from qalora_export.packing import pack_codes
+    from qalora_export.core.packing import pack_codes
 
     gen = torch.Generator().manual_seed(seed)
     groups = in_features // group_size

@@ -1,4 +1,4 @@
-"""The Triton dequant pass (qalora_export.kernels.triton_dequant) against a float64 reference.
+"""The Triton dequant pass (qalora_export.modeling.kernels.triton_dequant) against a float64 reference.
 
 ``W_eff = scale[g] * (q - zero[g]) + M[:, g]`` for 2/3/4/8-bit GPTQ-packed codes, contiguous and
 act-order ``g_idx``, fractional zeros, every output dtype. On CPU the kernel runs in Triton's
@@ -17,7 +17,7 @@ import kernel_testing as kt
 kt.setup()
 
 from qalora_export.errors import ConfigError  # noqa: E402
-from qalora_export.kernels.triton_dequant import dequantize_effective_weight  # noqa: E402
+from qalora_export.modeling.kernels.triton_dequant import dequantize_effective_weight  # noqa: E402
 
 IN, OUT, GS = 80, 37, 16  # 5 groups; tiles of 16 x 16 leave partial tiles on both axes
 
@@ -73,8 +73,8 @@ def test_row_major_layout_default_tiles_and_no_delta(dtype):
 
 def test_same_bits_as_the_reference_layer_in_float32():
     """Without a delta the float32 kernel does the reference layer's float32 operations: equal bits."""
-    from qalora_export.qalora_layer import QALoRALinear
-    from qalora_export.quant import quantize_rtn
+    from qalora_export.modeling.qalora_linear import QALoRALinear
+    from qalora_export.core.record import quantize_rtn
 
     gen = torch.Generator().manual_seed(5)
     g_idx = (torch.arange(64) // 16)[torch.randperm(64, generator=gen)]

@@ -1,4 +1,4 @@
-"""The fused QA-LoRA linear (qalora_export.kernels.fused_linear) against the reference layer's autograd.
+"""The fused QA-LoRA linear (qalora_export.modeling.kernels.fused_linear) against the reference layer's autograd.
 
 The same :class:`QALoRALinear` is run twice: ``use_kernels="never"`` (the PyTorch reference,
 differentiated by torch.autograd) and ``use_kernels="always"`` (the Triton dequant pass with the
@@ -19,12 +19,12 @@ import kernel_testing as kt
 
 kt.setup()
 
-from qalora_export.adapter import AdapterLayer  # noqa: E402
+from qalora_export.core.adapter import AdapterLayer  # noqa: E402
 from qalora_export.errors import ConfigError  # noqa: E402
-from qalora_export.kernels import kernels_selected, set_use_kernels  # noqa: E402
-from qalora_export.kernels import fused_linear  # noqa: E402
-from qalora_export.qalora_layer import QALoRALinear  # noqa: E402
-from qalora_export.quant import quantize_rtn  # noqa: E402
+from qalora_export.modeling.kernels import kernels_selected, set_use_kernels  # noqa: E402
+from qalora_export.modeling.kernels import fused_linear  # noqa: E402
+from qalora_export.modeling.qalora_linear import QALoRALinear  # noqa: E402
+from qalora_export.core.record import quantize_rtn  # noqa: E402
 
 IN, OUT, GS, RANK = 64, 21, 16, 3
 
@@ -147,7 +147,7 @@ def test_autocast_does_not_change_the_fused_dtypes():
 def test_one_token_without_grad_takes_the_decode_kernel(dtype, monkeypatch):
     ref, fused = make_pair(4, True, dtype)
     calls = []
-    from qalora_export.kernels import triton_gemv
+    from qalora_export.modeling.kernels import triton_gemv
 
     original = triton_gemv.gemv_effective_weight
     monkeypatch.setattr(triton_gemv, "gemv_effective_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -175,7 +175,7 @@ def test_kernel_selection():
 
 
 def test_always_without_triton_is_a_clear_error(monkeypatch):
-    from qalora_export import kernels
+    from qalora_export.modeling import kernels
 
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
     with pytest.raises(ConfigError, match="needs the 'triton' package"):

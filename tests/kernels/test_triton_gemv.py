@@ -1,4 +1,4 @@
-"""The batch-1 decode kernel (qalora_export.kernels.triton_gemv) against a float64 reference.
+"""The batch-1 decode kernel (qalora_export.modeling.kernels.triton_gemv) against a float64 reference.
 
 ``y = W_eff @ x + bias`` with the packed codes dequantized on the fly: 2/3/4/8 bits, contiguous
 and act-order ``g_idx``, fractional zeros, with and without the adapter delta, split-K on and off.
@@ -16,7 +16,7 @@ import kernel_testing as kt
 kt.setup()
 
 from qalora_export.errors import ConfigError  # noqa: E402
-from qalora_export.kernels.triton_gemv import gemv_effective_weight  # noqa: E402
+from qalora_export.modeling.kernels.triton_gemv import gemv_effective_weight  # noqa: E402
 
 IN, OUT, GS = 80, 37, 16
 
