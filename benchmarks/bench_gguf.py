@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
     args = ap.parse_args()
 
-    from qalora_export.formats.gguf import format as gguf
+    from qalora_export.formats.gguf import FORMAT as gguf
     from qalora_export.checkpoint.merged_view import MergedModel
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:

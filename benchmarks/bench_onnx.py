@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    from qalora_export.formats.onnx import format as onnx_conv
+    from qalora_export.formats.onnx import write as onnx_write
     from qalora_export.checkpoint.merged_view import MergedModel
 
     own_work = args.work is None
@@ -114,15 +114,15 @@ def main() -> None:
         model = MergedModel.open(base, adapter)
         prompt = [1] + list(range(100, 115))
         variants = {
-            "fp32": lambda out: onnx_conv.export_float_reference(model, out, overwrite=True),
-            "float-zp acc0": lambda out: onnx_conv.export(model, out, overwrite=True),
-            "float-zp acc4": lambda out: onnx_conv.export(model, out, accuracy_level=4, overwrite=True),
-            "uint8-zp acc0": lambda out: onnx_conv.export(model, out, zero_points="uint8", overwrite=True,
+            "fp32": lambda out: onnx_write.export_float_reference(model, out, overwrite=True),
+            "float-zp acc0": lambda out: onnx_write.export(model, out, overwrite=True),
+            "float-zp acc4": lambda out: onnx_write.export(model, out, accuracy_level=4, overwrite=True),
+            "uint8-zp acc0": lambda out: onnx_write.export(model, out, zero_points="uint8", overwrite=True,
                                                           allow_rounding=True),
-            "uint8-zp acc4": lambda out: onnx_conv.export(model, out, zero_points="uint8", accuracy_level=4,
+            "uint8-zp acc4": lambda out: onnx_write.export(model, out, zero_points="uint8", accuracy_level=4,
                                                           overwrite=True, allow_rounding=True),
-            "split acc0": lambda out: onnx_conv.export(model, out, zero_points="split", overwrite=True),
-            "split acc4": lambda out: onnx_conv.export(model, out, zero_points="split", accuracy_level=4,
+            "split acc0": lambda out: onnx_write.export(model, out, zero_points="split", overwrite=True),
+            "split acc4": lambda out: onnx_write.export(model, out, zero_points="split", accuracy_level=4,
                                                        overwrite=True),
         }
         rows = {}

@@ -42,7 +42,8 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "converters")]  # the 
 from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter  # noqa: E402
 from qalora_export.checkpoint.gptq import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs)  # noqa: E402
 from qalora_export.core.packing import pack_codes  # noqa: E402
-from qalora_export.plan import SHAPES, checkpoint_tensors, linear_shapes, plan_merge  # noqa: E402
+from qalora_export.checkpoint.shapes import checkpoint_tensors, linear_shapes  # noqa: E402
+from qalora_export.plan import SHAPES, plan_merge  # noqa: E402
 
 BITS, GROUP_SIZE = 4, 128
 INPUT_SHARD_BYTES = 1 << 30  # real 7B GPTQ checkpoints ship as one file or ~1-4 GB shards

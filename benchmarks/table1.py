@@ -178,13 +178,13 @@ class Table:
         return out
 
     def merged_gptq(self, base: Path, adapter: Path, exact: bool) -> tuple[Path, dict]:
-        from qalora_export.formats import get_converter
+        from qalora_export.formats import get_format
         from qalora_export.checkpoint.merged_view import MergedModel
 
         out = adapter.with_name(adapter.name + "-merged-gptq")
         summary_path = out.with_name(out.name + ".summary.json")
         if not summary_path.is_file():
-            summary = get_converter("gptq").export(MergedModel.open(base, adapter), out, overwrite=True,
+            summary = get_format("gptq").export(MergedModel.open(base, adapter), out, overwrite=True,
                                                    require_exact=exact)
             write_json(summary_path, {k: v for k, v in summary.items() if k != "per_layer"})
         return out, json.loads(summary_path.read_text())

@@ -134,19 +134,20 @@ def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_gguf(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
+    from qalora_export.formats.gguf.read import read_file_types
 
-    gguf = get_converter("gguf")
+    gguf = get_format("gguf")
     path = ws.fresh() / "model.gguf"
     path.write_bytes(data)
     weights = dict(gguf.read_weights(path))
-    return {"weights": weights, "types": gguf.read_file_types(path)}
+    return {"weights": weights, "types": read_file_types(path)}
 
 
 def target_onnx(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
-    onnx = get_converter("onnx")
+    onnx = get_format("onnx")
     choice, payload = decode_choice(data, len(ONNX_FILES))
     d = ws.fresh()
     _copy_dir(tpl / "onnx", d, skip=(ONNX_FILES[choice],))

@@ -34,9 +34,9 @@ import atheris  # noqa: E402
 with atheris.instrument_imports(include=["qalora_export", "gguf", "onnx.numpy_helper", "harness"]):
     import harness  # noqa: E402
     import qalora_export.core.adapter  # noqa: E402,F401
-    import qalora_export.formats.gguf.format  # noqa: E402,F401
+    import qalora_export.formats.gguf.read  # noqa: E402,F401
     import qalora_export.formats.gguf.spec  # noqa: E402,F401
-    import qalora_export.formats.onnx.format  # noqa: E402,F401
+    import qalora_export.formats.onnx.read  # noqa: E402,F401
     import qalora_export.formats.onnx.spec  # noqa: E402,F401
     import qalora_export.training.examples  # noqa: E402,F401
     import qalora_export.checkpoint.gptq  # noqa: E402,F401

@@ -40,7 +40,7 @@ def build_templates(out: Path) -> Path:
     import gguf_helpers
     import tiny_models
 
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
     from qalora_export.checkpoint.merged_view import MergedModel
 
     tpl = out / "_templates"
@@ -51,9 +51,9 @@ def build_templates(out: Path) -> Path:
     shutil.rmtree(tpl / "base-float")
     tiny_models.make_random_adapter(base, tpl / "adapter", rank=2, magnitude=0.05)
     model = MergedModel.open(base, tpl / "adapter")
-    get_converter("gguf").export(model, tpl / "model.gguf")
-    get_converter("onnx").export(model, tpl / "onnx", zero_points="split")
-    get_converter("gptq").export(model, tpl / "merged")
+    get_format("gguf").export(model, tpl / "model.gguf")
+    get_format("onnx").export(model, tpl / "onnx", zero_points="split")
+    get_format("gptq").export(model, tpl / "merged")
     tiny_models.make_tiny_base(tpl / "act-order", act_order=True, checkpoint_format="gptq", **MICRO)
     shutil.rmtree(tpl / "act-order-float")
     return tpl

@@ -1,4 +1,4 @@
-"""``inspect``: a short description of a GPTQ checkpoint, adapter, ONNX directory or GGUF file."""
+"""``inspect``: a short description of an adapter or of an artifact of any registered format."""
 
 from __future__ import annotations
 
@@ -6,61 +6,23 @@ from collections import Counter
 from pathlib import Path
 
 from qalora_export.errors import ConfigError
+from qalora_export.formats import all_formats, detect_format
 
 
 def inspect_path(path: Path) -> dict:
-    """What ``path`` is and what it holds, as a JSON-able dict."""
+    """What ``path`` is and what it holds, as a JSON-able dict: an adapter directory, or an artifact
+    of any registered format (each format's ``inspect``)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
-    if path.is_file() and path.suffix == ".gguf":
-        return _inspect_gguf(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return _inspect_adapter(path)
-    if path.is_dir() and (path / "model.onnx").is_file():
-        from qalora_export.extras import Requirement, require
-
-        require(Requirement("onnx", ("onnx",)), f"inspect of the ONNX model {path}")
-        return _inspect_onnx(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        return _inspect_gptq(path)
-    raise ConfigError(f"{path}: not a GPTQ checkpoint, adapter directory, ONNX directory or .gguf file")
-
-
-def _inspect_gptq(path: Path) -> dict:
-    from qalora_export.checkpoint.gptq import GPTQCheckpoint
-
-    ckpt = GPTQCheckpoint(path)
-    zmin, zmax, act_order, params = None, None, False, 0
-    shapes = Counter()
-    for name in ckpt.quantized_modules:  # zeros, scales and g_idx only: codes stay packed on disk
-        layer = ckpt.read_layer(name, with_codes=False)
-        lo, hi = float(layer.zeros.min()), float(layer.zeros.max())
-        zmin = lo if zmin is None else min(zmin, lo)
-        zmax = hi if zmax is None else max(zmax, hi)
-        act_order |= layer.is_act_order
-        params += layer.out_features * layer.in_features
-        shapes[f"{layer.out_features}x{layer.in_features}"] += 1
-    qcfg = ckpt.model_config.get("quantization_config", {})
-    return {
-        "kind": "gptq checkpoint",
-        "path": str(path),
-        "model_type": ckpt.model_config.get("model_type"),
-        "bits": ckpt.config.bits,
-        "group_size": ckpt.config.group_size,
-        "checkpoint_format": ckpt.config.checkpoint_format,
-        "desc_act": ckpt.config.desc_act,
-        "act_order_g_idx": act_order,
-        "quantized_layers": len(ckpt.quantized_modules),
-        "quantized_params": params,
-        "layer_shapes": dict(shapes),
-        "true_zero_range": [zmin, zmax],
-        "float_tensors": len(ckpt.other_tensor_names()),
-        "weight_files": sorted({p.name for p in ckpt.tensor_files.values()}),
-        "bytes": sum(p.stat().st_size for p in set(ckpt.tensor_files.values())),
-        "fingerprint": ckpt.fingerprint(),
-        "qalora_export": (qcfg.get("meta") or {}).get("qalora_export"),
-    }
+    try:
+        fmt = detect_format(path)
+    except ConfigError:
+        kinds = ", ".join(f.artifact for f in all_formats())
+        raise ConfigError(f"{path}: not an adapter directory or a known artifact ({kinds})") from None
+    return fmt.inspect(path)
 
 
 def _inspect_adapter(path: Path) -> dict:

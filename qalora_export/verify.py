@@ -1,8 +1,8 @@
 """The verification gate (DESIGN.md §4): an artifact against the unmerged model, two levels.
 
-1. Weights: every quantized tensor decoded by the format's own reader (``read_weights``) is
+1. Weights: every quantized tensor decoded by the format's own reader (``read_weight_rows``) is
    compared with (a) what the merge declared it holds (the exact fold, or its announced rounding)
-   — within the format's ``WEIGHT_TOLERANCE`` — and (b) the unmerged effective weight
+   — within the format's ``weight_tolerance`` — and (b) the unmerged effective weight
    ``W_hat + dW``, reported per layer.
 2. Runtime: the format's ``verify_runtime`` loads the artifact in its real runtime and compares
    logits and greedy continuations with the unmerged PyTorch model, judged against a noise floor
@@ -20,16 +20,18 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
-from qalora_export.errors import ConfigError, RuntimeCrashError
+from qalora_export.errors import RuntimeCrashError
 from qalora_export.extras import require
+from qalora_export.formats import detect_format, get_format
+from qalora_export.formats.protocol import Format
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.runtimes.isolation import call_isolated
 from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
-from qalora_export.core.weight_rows import WeightRows, row_blocks
+from qalora_export.core.weight_rows import row_blocks
 
 # A runtime check that runs longer than this is taken for a hang (the fixture's GPTQ check, the
 # slowest, takes a few minutes on 2 cores); verify --runtime-timeout changes it.
@@ -41,19 +43,6 @@ FIXED_PROMPTS = (
     "Write one sentence about the sea.",
     "List three prime numbers.",
 )
-
-
-def detect_format(path: Path) -> str:
-    """``gptq`` for a checkpoint directory, ``onnx`` for a directory with model.onnx, ``gguf`` for a file."""
-    path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        return "gguf"
-    if path.is_dir() and (path / "model.onnx").is_file():
-        return "onnx"
-    if path.is_dir() and (path / "config.json").is_file():
-        return "gptq"
-    raise ConfigError(f"cannot tell the format of {path}: expected a GPTQ checkpoint directory, "
-                      f"an ONNX directory with model.onnx, or a .gguf file")
 
 
 def fixed_prompts(tokenizer_dir: Path, max_tokens: int = 48) -> list[list[int]]:
@@ -74,26 +63,10 @@ def fixed_prompts(tokenizer_dir: Path, max_tokens: int = 48) -> list[list[int]]:
     return out
 
 
-def _decoded_layers(converter, artifact: Path) -> Iterator[tuple[str, WeightRows]]:
-    """The artifact's layers as :class:`WeightRows` (decoded a row block at a time when the
-    converter's reader can: ``read_weight_rows``)."""
-    if hasattr(converter, "read_weight_rows"):
-        yield from converter.read_weight_rows(artifact)
-    else:
-        for name, weight in converter.read_weights(artifact):
-            yield name, WeightRows.of(weight)
-
-
-def _declared_rows(converter, model: MergedModel, name: str, meta: dict) -> Callable[[slice], torch.Tensor]:
+def _declared_rows(fmt: Format, model: MergedModel, name: str, meta: dict) -> Callable[[slice], torch.Tensor]:
     """``rows -> float64`` of what the artifact declares it holds for ``name`` (the fold, rounded as
-    its metadata says): the converter's ``declared_layer`` record, dequantized a block at a time."""
-    if hasattr(converter, "declared_layer"):
-        layer = converter.declared_layer(model, name, meta)
-    elif hasattr(converter, "declared_weight"):
-        whole = converter.declared_weight(model, name, meta)
-        return lambda rows: whole[rows]
-    else:
-        layer = model.read_layer(name)[0]
+    its metadata says): the format's ``declared_layer`` record, dequantized a block at a time."""
+    layer = fmt.declared_layer(model, name, meta)
     return lambda rows: layer.dequantize(torch.float64, rows)
 
 
@@ -102,18 +75,18 @@ def _max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def weight_report(model: MergedModel, converter, artifact: Path) -> dict:
+def weight_report(model: MergedModel, fmt: Format, artifact: Path) -> dict:
     """Level 1: decode the artifact and compare with the declared and the unmerged weights.
 
     Each layer is compared a row block at a time (:mod:`weight_rows`): decoded, declared and
     reference rows are float64 blocks of a few MB, never whole layers (1.9 GB each at 70B).
     """
-    meta = converter.merge_metadata(artifact) if hasattr(converter, "merge_metadata") else {}
-    tolerance = converter.WEIGHT_TOLERANCE
+    meta = fmt.merge_metadata(artifact)
+    tolerance = fmt.weight_tolerance
     layers = {}
     passed = True
     seen = set()
-    for name, decoded in _decoded_layers(converter, artifact):
+    for name, decoded in fmt.read_weight_rows(artifact):
         seen.add(name)
         if name not in model.quantized_modules:
             layers[name] = {"passed": False, "error": "not a quantized layer of the base"}
@@ -125,7 +98,7 @@ def weight_report(model: MergedModel, converter, artifact: Path) -> dict:
             passed = False
             continue
         reference_rows = model.reference_weight_rows(name)
-        declared_rows = _declared_rows(converter, model, name, meta)
+        declared_rows = _declared_rows(fmt, model, name, meta)
         w_max = err_declared = err_unmerged = 0.0
         for start, stop in row_blocks(*shape):
             rows = slice(start, stop)
@@ -170,13 +143,10 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
     Raises:
         MissingExtraError: ``runtime`` is asked and the format's runtime is not installed.
     """
-    from qalora_export.formats import get_converter
-
     artifact = Path(artifact)
-    fmt = fmt or detect_format(artifact)
-    converter = get_converter(fmt)
+    target = get_format(fmt) if fmt else detect_format(artifact)
     if runtime:
-        require(converter.RUNTIME_REQUIRES, f"verify of a {fmt} artifact in {converter.RUNTIME.name}")
+        require(target.runtime_requires, f"verify of a {target.name} artifact in {target.runtime.name}")
     model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
     if runtime:  # the runtimes tokenize with these: ids beyond the embedding fail deep inside them
         check_tokenizer_matches(model.base)
@@ -184,10 +154,10 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
             check_tokenizer_matches(model.base, artifact)
     if progress:
         progress("weights")
-    weights = weight_report(model, converter, artifact)
+    weights = weight_report(model, target, artifact)
     report = {
         "artifact": str(artifact),
-        "format": fmt,
+        "format": target.name,
         "base": str(base_dir),
         "adapter": str(adapter_dir) if adapter_dir else None,
         "device": device,
@@ -205,11 +175,11 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
         prompts = fixed_prompts(model.tokenizer_dir)
         try:
             result = call_isolated(f"{__name__}:runtime_level",
-                                   {"fmt": fmt, "artifact": artifact, "base_dir": base_dir, "adapter_dir": adapter_dir,
+                                   {"fmt": target.name, "artifact": artifact, "base_dir": base_dir, "adapter_dir": adapter_dir,
                                     "pooling": pooling, "prompts": prompts, "device": device},
-                                   converter.RUNTIME, timeout=runtime_timeout)
+                                   target.runtime, timeout=runtime_timeout)
         except RuntimeCrashError as exc:
-            result = {"runtime": converter.RUNTIME.name, "passed": False, "error": str(exc), "cause": exc.cause}
+            result = {"runtime": target.runtime.name, "passed": False, "error": str(exc), "cause": exc.cause}
         report["runtime"] = result
         passed = passed and bool(result.get("passed"))
     report["passed"] = bool(passed)
@@ -219,13 +189,9 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
 def runtime_level(fmt: str, artifact: str, base_dir: str, adapter_dir: Optional[str], pooling: Optional[str],
                   prompts: list[list[int]], device: str) -> dict:
     """Level 2, as run in verify's child process: the format's ``verify_runtime`` on ``artifact``."""
-    from qalora_export.formats import get_converter
-
-    converter = get_converter(fmt)
     model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
     with tempfile.TemporaryDirectory(prefix="qalora-verify-") as workdir:
-        kwargs = {"device": device} if fmt == "gptq" else {}
-        return converter.verify_runtime(model, Path(artifact), prompts, Path(workdir), **kwargs)
+        return get_format(fmt).verify_runtime(model, Path(artifact), prompts, Path(workdir), device)
 
 
 def write_report(report: dict, path: Path) -> tuple[Path, Path]:

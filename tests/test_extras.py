@@ -81,7 +81,7 @@ def test_requirement_modules_must_belong_to_the_extra():
         Requirement("onnx", ("llama_cpp",))
 
 
-def test_get_converter_maps_a_missing_extra_module(tmp_path, monkeypatch):
+def test_get_format_maps_a_missing_extra_module(tmp_path, monkeypatch):
     from qalora_export import formats as converters
 
     (tmp_path / "needs_genai_format.py").write_text("import onnxruntime_genai\n")
@@ -89,4 +89,4 @@ def test_get_converter_maps_a_missing_extra_module(tmp_path, monkeypatch):
     monkeypatch.setitem(converters.FORMATS, "needs-genai", "needs_genai_format")
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
     with pytest.raises(MissingExtraError, match=r"the needs-genai format needs onnxruntime_genai.*qalora-export\[onnx\]"):
-        converters.get_converter("needs-genai")
+        converters.get_format("needs-genai")

@@ -56,9 +56,9 @@ def zygote() -> None:
     import transformers  # noqa: F401
 
     import qalora_export.core.adapter  # noqa: F401
-    import qalora_export.formats.gguf.format  # noqa: F401
-    import qalora_export.formats.gptq.format  # noqa: F401
-    import qalora_export.formats.onnx.format  # noqa: F401
+    import qalora_export.formats.gguf.write  # noqa: F401
+    import qalora_export.formats.gptq.write  # noqa: F401
+    import qalora_export.formats.onnx.write  # noqa: F401
     import qalora_export.quantization.quantize  # noqa: F401
     import qalora_export.training.train  # noqa: F401
     from qalora_export import cli

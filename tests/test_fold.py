@@ -7,7 +7,6 @@ file-level tests go through a tiny GPTQ base, ``make_random_adapter`` and :class
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

@@ -22,6 +22,7 @@ import harness  # noqa: E402
 from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 
+from qalora_export.formats.gguf import read as gguf_read  # noqa: E402
 from qalora_export.errors import CheckpointError, QALoRAExportError  # noqa: E402
 
 FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
@@ -128,37 +129,37 @@ def _write_gguf(path: Path, tensors: dict, head_count=2) -> Path:
 
 
 def test_missing_file_is_refused(tmp_path):
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     with pytest.raises(CheckpointError, match="does not exist"):
-        list(get_converter("gguf").read_weights(tmp_path / "nope.gguf"))
+        list(get_format("gguf").read_weights(tmp_path / "nope.gguf"))
 
 
 def test_unreadable_path_in_type_scan_is_refused(tmp_path):
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     with pytest.raises(CheckpointError, match="cannot read GGUF file"):
-        get_converter("gguf").read_file_types(tmp_path)  # a directory
+        gguf_read.read_file_types(tmp_path)  # a directory
     (tmp_path / "x.gguf").write_bytes(b"GGML" + bytes(40))
     with pytest.raises(CheckpointError, match="not a readable GGUF file"):
-        get_converter("gguf").read_file_types(tmp_path / "x.gguf")
+        gguf_read.read_file_types(tmp_path / "x.gguf")
 
 
 def test_weight_that_is_not_2d_is_refused(tmp_path):
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     path = _write_gguf(tmp_path / "m.gguf", {"blk.0.ffn_up.weight": np.ones((2, 4, 32), dtype=np.float32)})
     with pytest.raises(CheckpointError, match="3-D, expected a 2-D weight"):
-        list(get_converter("gguf").read_weights(path))
+        list(get_format("gguf").read_weights(path))
 
 
 def test_undecodable_tensor_is_refused(tmp_path):
     """q rows that cannot be split into the declared heads' rotary pairs."""
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     path = _write_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.ones((6, 32), dtype=np.float32)}, head_count=4)
     with pytest.raises(CheckpointError, match="cannot be decoded"):
-        list(get_converter("gguf").read_weights(path))
+        list(get_format("gguf").read_weights(path))
 
 
 def test_array_count_past_the_end_is_refused_not_a_hang(tmp_path):
@@ -168,7 +169,7 @@ def test_array_count_past_the_end_is_refused_not_a_hang(tmp_path):
 
     import gguf
 
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
@@ -182,4 +183,4 @@ def test_array_count_past_the_end_is_refused_not_a_hang(tmp_path):
     data[at:at + 8] = struct.pack("<Q", 2**40)
     path.write_bytes(bytes(data))
     with mutations.deadline(20), pytest.raises(CheckpointError, match="not a readable GGUF file"):
-        list(get_converter("gguf").read_weights(path))
+        list(get_format("gguf").read_weights(path))

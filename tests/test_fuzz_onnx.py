@@ -1,4 +1,4 @@
-"""Fuzzing ONNX reading (``qalora_export/formats/onnx/format.py`` ``read_weights`` / ``merge_metadata``) on damaged
+"""Fuzzing ONNX reading (``qalora_export/formats/onnx/read.py`` ``read_weights`` / ``merge_metadata``) on damaged
 ``model.onnx`` (protobuf) and ``model.onnx.data`` (external data).
 
 Invariants: only ``QALoRAExportError`` subclasses come out, no hang; a changed byte of a
@@ -222,7 +222,7 @@ def test_each_damage_is_refused_with_its_reason(tpl, ws, message):
 
 
 def test_missing_model_file_is_refused(tmp_path):
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
 
     with pytest.raises(CheckpointError, match="has no model.onnx"):
-        list(get_converter("onnx").read_weights(tmp_path))
+        list(get_format("onnx").read_weights(tmp_path))

@@ -22,7 +22,7 @@ import harness  # noqa: E402
 from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 
-from qalora_export.formats import get_converter  # noqa: E402
+from qalora_export.formats import get_format  # noqa: E402
 from qalora_export.errors import QALoRAExportError  # noqa: E402
 from qalora_export.verify import verify_artifact  # noqa: E402
 
@@ -36,7 +36,7 @@ def originals(tpl) -> dict:
     for fmt, (d, f) in ARTIFACTS.items():
         path = tpl / d if d else tpl / f
         assert verify_artifact(path, tpl / "base", tpl / "adapter", runtime=False)["passed"], fmt
-        out[fmt] = dict(get_converter(fmt).read_weights(path))
+        out[fmt] = dict(get_format(fmt).read_weights(path))
     return out
 
 
@@ -59,7 +59,7 @@ def test_damaged_artifact_never_passes_with_other_weights(tpl, ws, originals, da
             return
     if not report["passed"]:
         return
-    decoded = dict(get_converter(fmt).read_weights(artifact))
+    decoded = dict(get_format(fmt).read_weights(artifact))
     assert sorted(decoded) == sorted(originals[fmt])
     for name, w in decoded.items():
         assert torch.equal(w, originals[fmt][name]), f"{fmt}: {name} changed but verify passed"

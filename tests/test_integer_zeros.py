@@ -5,7 +5,6 @@ in-range zero-points and ``merge --to gptq --require-exact`` is bit-exact.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from qalora_export.modeling.model import build_model, qalora_modules
 from qalora_export.training.train import TrainConfig, train_adapter
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 
-from qalora_export.formats.gptq import format as gptq_converter
+from qalora_export.formats.gptq import FORMAT as gptq_converter
 
 
 def test_round_zero_shift_rounds_clamps_and_passes_gradients_straight_through():

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_models
-from qalora_export.formats.gptq import format as gptq_converter
+from qalora_export.formats.gptq import FORMAT as gptq_converter
+from qalora_export.formats.gptq import encode as gptq_encode
 from qalora_export.checkpoint.gptq import INDEX_FILE, CheckpointWriter, GPTQCheckpoint, encode_layer
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.storage.safetensors_stream import TensorSpec, header_bytes, plan_shards
@@ -69,7 +70,7 @@ def original_weight_files(model: MergedModel, fmt: str, out: Path, max_shard_byt
     out.mkdir(parents=True)
     for name in model.quantized_modules:
         folded, _ = model.read_layer(name)
-        layer, _ = gptq_converter.integer_zeros(folded, fmt, clamp=False)
+        layer, _ = gptq_encode.integer_zeros(folded, fmt, clamp=False)
         for suffix, t in encode_layer(layer, fmt).items():
             add(f"{name}.{suffix}", t)
     for key in model.other_tensor_names():

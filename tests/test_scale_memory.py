@@ -23,7 +23,7 @@ import torch
 from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
 from qalora_export.checkpoint.gptq import CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs
 from qalora_export.core.packing import pack_codes
-from qalora_export.plan import checkpoint_tensors, linear_shapes
+from qalora_export.checkpoint.shapes import checkpoint_tensors, linear_shapes
 
 BITS, GROUP_SIZE = 4, 128
 SHAPE = {"model_type": "llama", "hidden_size": 1024, "intermediate_size": 2048, "num_attention_heads": 8,

@@ -20,7 +20,7 @@ import gguf_helpers  # noqa: E402
 import tiny_models  # noqa: E402
 from qalora_export.core import weight_rows  # noqa: E402
 from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter  # noqa: E402
-from qalora_export.formats import get_converter  # noqa: E402
+from qalora_export.formats import get_format  # noqa: E402
 from qalora_export.core.fold import effective_weight, effective_weight_rows  # noqa: E402
 from qalora_export.checkpoint.merged_view import MergedModel  # noqa: E402
 from qalora_export.core.record import QuantizedLinear, contiguous_g_idx  # noqa: E402
@@ -74,19 +74,19 @@ def artifacts(tmp_path_factory) -> dict:
     act = tiny_models.make_tiny_base(root / "act", bits=4, group_size=32, act_order=True)
     act_adapter = tiny_models.make_random_adapter(act, root / "act-adapter")
     out["onnx"] = (act, act_adapter, root / "onnx")
-    get_converter("onnx").export(MergedModel.open(act, act_adapter), root / "onnx", zero_points="split")
+    get_format("onnx").export(MergedModel.open(act, act_adapter), root / "onnx", zero_points="split")
     bpe = gguf_helpers.make_bpe_base(root / "bpe", bits=4, group_size=32)
     bpe_adapter = tiny_models.make_random_adapter(bpe, root / "bpe-adapter")
     out["gguf"] = (bpe, bpe_adapter, root / "model.gguf")
-    get_converter("gguf").export(MergedModel.open(bpe, bpe_adapter), root / "model.gguf")
+    get_format("gguf").export(MergedModel.open(bpe, bpe_adapter), root / "model.gguf")
     out["gptq"] = (bpe, bpe_adapter, root / "gptq")
-    get_converter("gptq").export(MergedModel.open(bpe, bpe_adapter), root / "gptq")
+    get_format("gptq").export(MergedModel.open(bpe, bpe_adapter), root / "gptq")
     return out
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "onnx", "gguf"])
 def test_reader_row_blocks_equal_rows_of_the_whole(artifacts, fmt):
-    converter = get_converter(fmt)
+    converter = get_format(fmt)
     _, _, path = artifacts[fmt]
     whole = dict(converter.read_weights(path))
     rows = dict(converter.read_weight_rows(path))
@@ -101,7 +101,7 @@ def test_reader_row_blocks_equal_rows_of_the_whole(artifacts, fmt):
 @pytest.mark.parametrize("fmt", ["gptq", "onnx", "gguf"])
 def test_weight_report_in_row_blocks_equals_one_block(artifacts, fmt, monkeypatch):
     base, adapter, path = artifacts[fmt]
-    converter = get_converter(fmt)
+    converter = get_format(fmt)
     one_block = weight_report(MergedModel.open(base, adapter), converter, path)
     monkeypatch.setattr(weight_rows, "ROW_BLOCK_BYTES", 3 * 8 * 128)  # a few rows of the widest layer
     decoded_rows = []

@@ -19,8 +19,7 @@ from qalora_export.core.fold import integer_zero_range as fold_integer_zero_rang
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.modeling.qalora_linear import QALoRALinear
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from qalora_export.core.families import SUPPORTED_MODEL_TYPES, TARGET_MODULES  # noqa: F401  (TARGET_MODULES: training's default)
 
 
 def check_supported(model_config: dict, source: Path | str) -> None:

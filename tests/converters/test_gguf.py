@@ -11,8 +11,11 @@ import torch
 
 import gguf_helpers
 import tiny_models
-from qalora_export.formats.gguf import format as G
-from qalora_export.formats.gguf import spec as spec
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import spec as gguf_spec_mod
+from qalora_export.formats.gguf import read as gguf_read
+from qalora_export.formats.gguf import verify as gguf_verify
+from qalora_export.formats.gguf import container, spec
 from qalora_export.errors import ConfigError, FormatLimitError, OutputExistsError, UnsupportedModelError
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.formats.gguf import runtime as llamacpp
@@ -69,7 +72,7 @@ def test_weights_equal_effective_weights_within_fp16_rounding_of_m(artifact, mer
         seen.add(name)
         ref = merged.reference_weight(name)
         assert w.dtype == torch.float64 and w.shape == ref.shape
-        assert float((w - ref).abs().max()) <= G.WEIGHT_TOLERANCE * float(ref.abs().max()) + G.WEIGHT_ATOL
+        assert float((w - ref).abs().max()) <= G.weight_tolerance * float(ref.abs().max()) + gguf_spec_mod.WEIGHT_ATOL
         # elementwise: |error| <= half an fp16 ulp of m = -scale * zero' of the element's group
         layer, _ = merged.read_layer(name)
         m = (-(layer.scales.double() * layer.zeros.double()))[layer.g_idx].T  # [out, in]
@@ -114,7 +117,7 @@ def test_f32_reference_holds_the_unmerged_weights(merged, tmp_path):
     for name, w in G.read_weights(out):
         ref = merged.reference_weight(name)
         torch.testing.assert_close(w, ref.to(torch.float32).to(torch.float64), rtol=0, atol=0)
-    assert G.read_file_types(out) == ("f32", "f32")
+    assert gguf_read.read_file_types(out) == ("f32", "f32")
 
 
 # ----------------------------------------------------------------------------------- metadata
@@ -184,7 +187,7 @@ def test_embedding_types(merged, tmp_path, embeddings, ggml):
     G.export(merged, out, embeddings=embeddings)
     types = {t.name: t.tensor_type.name for t in _reader(out).tensors}
     assert types["token_embd.weight"] == ggml and types["output.weight"] == ggml
-    assert G.read_file_types(out) == ("q4_1", embeddings)
+    assert gguf_read.read_file_types(out) == ("q4_1", embeddings)
     assert np.isfinite(llamacpp.run_logits(out, PROMPTS[:1])[0]).all()
 
 
@@ -193,7 +196,7 @@ def test_embedding_types(merged, tmp_path, embeddings, ggml):
 
 def test_runtime_within_llama_cpp_noise_floor(merged, artifact, tmp_path):
     path, _ = artifact
-    result = G.verify_runtime(merged, path, PROMPTS, tmp_path, n_new=4)
+    result = gguf_verify.verify_runtime(merged, path, PROMPTS, tmp_path, n_new=4)
     assert result["passed"], result
     art, floor, f32 = result["artifact"], result["floor"], result["f32_reference"]
     assert art["mean_kl"] <= spec.KL_FLOOR_FACTOR * floor["mean_kl"] + spec.KL_EPSILON
@@ -215,7 +218,7 @@ def test_runtime_detects_a_wrong_fold(merged, base, tmp_path):
     model = MergedModel(merged.base, strong, check_fingerprint=False)
     wrong = tmp_path / "base-only.gguf"
     G.export(MergedModel(merged.base, None), wrong)
-    result = G.verify_runtime(model, wrong, PROMPTS, tmp_path / "w", n_new=2)
+    result = gguf_verify.verify_runtime(model, wrong, PROMPTS, tmp_path / "w", n_new=2)
     assert not result["passed"]
     assert result["artifact"]["mean_kl"] > result["allowed_mean_kl"]
 
@@ -241,7 +244,7 @@ def _f32_kl(model: MergedModel, tmp_path: Path) -> float:
 
     out = tmp_path / "f32.gguf"
     G.export(model, out, weights_dtype="f32", embeddings="f32", overwrite=True)
-    (ref, _), _ = G._torch_references(model, PROMPTS, 0, base_too=False)
+    (ref, _), _ = gguf_verify._torch_references(model, PROMPTS, 0, base_too=False)
     return compare_logits(ref, llamacpp.run_logits(out, PROMPTS)).mean_kl
 
 
@@ -308,7 +311,7 @@ def test_low_bit_codes_fit_q4_1(tmp_path, bits):
     G.export(model, tmp_path / "low.gguf")
     for name, w in G.read_weights(tmp_path / "low.gguf"):
         ref = model.reference_weight(name)
-        assert float((w - ref).abs().max()) <= G.WEIGHT_TOLERANCE * float(ref.abs().max()) + G.WEIGHT_ATOL
+        assert float((w - ref).abs().max()) <= G.weight_tolerance * float(ref.abs().max()) + gguf_spec_mod.WEIGHT_ATOL
 
 
 def test_refuses_unsupported_architecture_and_rope(base, tmp_path):
@@ -339,9 +342,9 @@ def test_refuses_bad_options(merged, tmp_path):
 def test_header_scan_matches_gguf_py(artifact, smollm2_gguf):
     """The header-only tensor-type scan used by verify agrees with gguf-py's full reader."""
     for path in (artifact[0], smollm2_gguf):
-        assert spec.scan_tensor_types(path) == {t.name: int(t.tensor_type) for t in _reader(path).tensors}
+        assert container.scan_tensor_types(path) == {t.name: int(t.tensor_type) for t in _reader(path).tensors}
     with pytest.raises(ValueError, match="not a GGUF"):
-        spec.scan_tensor_types(Path(__file__))
+        container.scan_tensor_types(Path(__file__))
 
 
 def test_attention_biases_are_permuted_like_rows(tmp_path):
@@ -369,4 +372,4 @@ def test_attention_biases_are_permuted_like_rows(tmp_path):
     assert _f32_kl(model, tmp_path) < 1e-6
     out = tmp_path / "q.gguf"
     G.export(model, out)
-    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(spec.scan_tensor_types(out))
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(container.scan_tensor_types(out))

@@ -14,7 +14,9 @@ import torch
 
 import gguf_helpers
 import tiny_models
-from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import encode as gguf_encode
+from qalora_export.formats.gguf import plan as gguf_plan
 from qalora_export.formats.gguf import spec as spec
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.core.packing import pack_codes
@@ -58,14 +60,14 @@ def test_encode_from_qweight_equals_encode_from_codes(bits, group_size, permuted
     """``row_block_bytes``: the layer built in one block (None), a row at a time (1), or in uneven
     blocks of 93 / 46 / 31 / 23 rows (3000)."""
     if row_block_bytes is not None:
-        monkeypatch.setattr(G, "Q4_1_ROW_BLOCK_BYTES", row_block_bytes)
+        monkeypatch.setattr(gguf_encode, "Q4_1_ROW_BLOCK_BYTES", row_block_bytes)
     for groups, out, heads in ((1, 32, 1), (3, 64, 4), (2, 96, 3)):
         layer, qweight = _layer(bits, group_size, groups, out, seed=bits * 100 + group_size + out)
         perm = spec.qk_row_permutation(out, heads) if permuted else None
-        slow, slow_stats = G.encode_q4_1(layer, perm)
+        slow, slow_stats = gguf_encode.encode_q4_1(layer, perm)
         placeholder = layer.with_zeros(layer.zeros)
         placeholder.codes = torch.zeros((1, 1), dtype=torch.uint8).expand(out, layer.in_features)  # never read
-        fast, fast_stats = G.encode_q4_1(placeholder, perm, qweight)
+        fast, fast_stats = gguf_encode.encode_q4_1(placeholder, perm, qweight)
         np.testing.assert_array_equal(fast, slow)
         assert fast_stats == slow_stats
 
@@ -73,12 +75,12 @@ def test_encode_from_qweight_equals_encode_from_codes(bits, group_size, permuted
 def _slow_path(monkeypatch, model: MergedModel) -> None:
     """Route ``model``'s export through the original path: the record with its codes unpacked
     (``read_layer``), then ``pack_q4_1``."""
-    real_encode = G.encode_q4_1
+    real_encode = gguf_encode.encode_q4_1
 
     def encode_from_codes(layer, row_perm=None, qweight=None):
         return real_encode(model.read_layer(layer.name)[0], row_perm)
 
-    monkeypatch.setattr(G, "encode_q4_1", encode_from_codes)
+    monkeypatch.setattr(gguf_plan, "encode_q4_1", encode_from_codes)
 
 
 @pytest.mark.parametrize("bits,group_size,fmt", [
@@ -89,7 +91,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=bits, group_size=group_size, checkpoint_format=fmt,
                                       hidden=128, intermediate=256, seed=bits + group_size)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4, seed=group_size)
-    monkeypatch.setattr(G, "Q4_1_ROW_BLOCK_BYTES", 5000)  # several uneven row blocks a layer
+    monkeypatch.setattr(gguf_encode, "Q4_1_ROW_BLOCK_BYTES", 5000)  # several uneven row blocks a layer
     fast = G.export(MergedModel.open(base, adapter), tmp_path / "fast.gguf")
     with monkeypatch.context() as patched:
         slow_model = MergedModel.open(base, adapter)

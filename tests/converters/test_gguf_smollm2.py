@@ -4,10 +4,10 @@ exported to Q4_1 GGUF, checked against the fixture GGUF's metadata, decoded, and
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tiny_models
-from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import verify as gguf_verify
 from qalora_export.checkpoint.merged_view import MergedModel
 
 pytestmark = pytest.mark.slow
@@ -52,9 +52,9 @@ def test_smollm2_export_weights_metadata_and_runtime(smollm2_merged, smollm2_ggu
             ref = smollm2_merged.reference_weight(name)
             worst = max(worst, float((w - ref).abs().max()) / float(ref.abs().max()))
             checked += 1
-    assert checked == 21 and worst <= G.WEIGHT_TOLERANCE
+    assert checked == 21 and worst <= G.weight_tolerance
 
-    result = G.verify_runtime(smollm2_merged, out, PROMPTS, tmp_path / "verify", n_new=4)
+    result = gguf_verify.verify_runtime(smollm2_merged, out, PROMPTS, tmp_path / "verify", n_new=4)
     print({k: {m: result[k][m] for m in ("mean_kl", "max_kl", "top1_agreement", "max_abs_logit_diff", "greedy_match")}
            for k in ("artifact", "floor", "f32_reference")})
     assert result["passed"], {k: result[k] for k in ("rule", "allowed_mean_kl", "kl_over_floor")}

@@ -17,8 +17,9 @@ import pytest
 import gguf_helpers
 import tiny_models
 from qalora_export.cli import EXIT_OK, main
-from qalora_export.formats.gguf import format as G
-from qalora_export.formats.gguf import spec as spec
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import read as gguf_read
+from qalora_export.formats.gguf import container
 from qalora_export.errors import CheckpointError, OutputExistsError
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.formats.gguf import runtime as llamacpp
@@ -61,7 +62,7 @@ def test_files_are_named_and_keyed_like_gguf_split(exports):
     for i, f in enumerate(files):
         r = _reader(f)
         fields = {k: v.contents() for k, v in r.fields.items() if k.startswith("split.")}
-        assert fields == {spec.KEY_SPLIT_NO: i, spec.KEY_SPLIT_COUNT: count, spec.KEY_SPLIT_TENSORS_COUNT: total_tensors}
+        assert fields == {container.KEY_SPLIT_NO: i, container.KEY_SPLIT_COUNT: count, container.KEY_SPLIT_TENSORS_COUNT: total_tensors}
         assert ("tokenizer.ggml.tokens" in r.fields) == (i == 0)  # the metadata is in the first file only
         assert sum(t.n_bytes for t in r.tensors) <= SPLIT_BYTES or len(r.tensors) == 1
     assert exports["split"]["bytes"] == sum(f.stat().st_size for f in files)
@@ -77,7 +78,7 @@ def test_split_tensors_equal_the_single_file(exports, model_dirs):
     base, adapter = model_dirs
     report = weight_report(MergedModel.open(base, adapter), G, Path(first))
     assert report["passed"] and not report["missing_layers"] and report["layers_checked"] == 14
-    assert G.read_file_types(first) == G.read_file_types(exports["single"]["path"])
+    assert gguf_read.read_file_types(first) == gguf_read.read_file_types(exports["single"]["path"])
 
 
 def test_llama_cpp_loads_the_split_model_from_its_first_file(exports):

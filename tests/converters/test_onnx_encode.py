@@ -1,4 +1,4 @@
-"""encode_linear (qalora_export/formats/onnx/format.py): a folded record -> MatMulNBits inputs, decoded back exactly."""
+"""encode_linear (qalora_export/formats/onnx/encode.py): a folded record -> MatMulNBits inputs, decoded back exactly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qalora_export.formats.onnx import format as onnx_conv
+from qalora_export.formats.onnx import encode as onnx_encode
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError
 from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
@@ -53,7 +53,7 @@ def _decode(lin) -> np.ndarray:
        st.integers(1, 9), st.booleans(), st.integers(0, 2**31 - 1))
 def test_split_holds_any_fold_exactly(bits, group_size, groups, out, act_order, seed):
     layer = _record(bits, group_size, groups, out, act_order, fractional=True, seed=seed)
-    lin, stats = onnx_conv.encode_linear(layer, "split")
+    lin, stats = onnx_encode.encode_linear(layer, "split")
     ref = layer.dequantize(torch.float64).numpy()
     assert not stats["rounded"]
     assert np.abs(_decode(lin) - ref).max() <= spec.WEIGHT_TOLERANCE * np.abs(ref).max()
@@ -64,7 +64,7 @@ def test_split_holds_any_fold_exactly(bits, group_size, groups, out, act_order, 
        st.booleans(), st.integers(0, 2**31 - 1))
 def test_float_zero_points_exact(bits, group_size, groups, out, act_order, seed):
     layer = _record(bits, group_size, groups, out, act_order, fractional=True, seed=seed)
-    lin, _ = onnx_conv.encode_linear(layer, "float")
+    lin, _ = onnx_encode.encode_linear(layer, "float")
     ref = layer.dequantize(torch.float64).numpy()
     assert np.abs(_decode(lin) - ref).max() <= spec.WEIGHT_TOLERANCE * np.abs(ref).max()
 
@@ -72,7 +72,7 @@ def test_float_zero_points_exact(bits, group_size, groups, out, act_order, seed)
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_uint8_integral_zero_points_bit_exact(bits):
     layer = _record(bits, 32, 3, 5, act_order=False, fractional=False, seed=bits)
-    lin, stats = onnx_conv.encode_linear(layer, "uint8")
+    lin, stats = onnx_encode.encode_linear(layer, "uint8")
     assert stats["max_abs_error"] == 0.0 and lin.zero_residual is None
     np.testing.assert_array_equal(_decode(lin), layer.dequantize(torch.float64).numpy())
 
@@ -80,7 +80,7 @@ def test_uint8_integral_zero_points_bit_exact(bits):
 def test_uint8_fractional_refused_names_flags():
     layer = _record(4, 32, 2, 3, act_order=False, fractional=True, seed=1)
     with pytest.raises(FormatLimitError, match="--allow-rounding") as exc:
-        onnx_conv.encode_linear(layer, "uint8")
+        onnx_encode.encode_linear(layer, "uint8")
     assert "layer" in str(exc.value)
 
 
@@ -89,4 +89,4 @@ def test_act_order_with_unequal_groups_refused():
     g_idx = layer.g_idx.clone()
     g_idx[0] = 1  # group 0 now has 15 columns, group 1 has 17
     with pytest.raises(FormatLimitError, match="act-order"):
-        onnx_conv.encode_linear(QuantizedLinear(**{**layer.__dict__, "g_idx": g_idx}), "float")
+        onnx_encode.encode_linear(QuantizedLinear(**{**layer.__dict__, "g_idx": g_idx}), "float")

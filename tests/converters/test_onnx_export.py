@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.formats.onnx import format as onnx_conv
+from qalora_export.formats.onnx import read as onnx_read
+from qalora_export.formats.onnx import spec as onnx_spec
+from qalora_export.formats.onnx import verify as onnx_verify
+from qalora_export.formats.onnx import write as onnx_write
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError, OutputExistsError, UnsupportedModelError
 from qalora_export.checkpoint.merged_view import MergedModel
@@ -40,7 +43,7 @@ def make_pair(tmp_path_factory):
 
 def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
     errors = {}
-    for name, decoded in onnx_conv.read_weights(out):
+    for name, decoded in onnx_read.read_weights(out):
         reference = model.reference_weight(name)
         assert decoded.dtype == torch.float64 and decoded.shape == reference.shape
         errors[name] = float((decoded - reference).abs().max() / reference.abs().max())
@@ -53,15 +56,15 @@ def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
 def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size, zero_points):
     model = MergedModel.open(*make_pair(bits, group_size))
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out, zero_points=zero_points)
+    summary = onnx_write.export(model, out, zero_points=zero_points)
     assert summary["exact"] and summary["container_bits"] == spec.container_bits(bits)
     assert summary["max_fold_shift_code_units"] > 0  # the adapter really moved the zero-points
 
     errors = _weight_errors(model, out)
     assert set(errors) == set(model.quantized_modules)
-    assert max(errors.values()) <= onnx_conv.WEIGHT_TOLERANCE
+    assert max(errors.values()) <= onnx_spec.WEIGHT_TOLERANCE
 
-    report = onnx_conv.verify_runtime(model, out, PROMPTS, tmp_path / "work")
+    report = onnx_verify.verify_runtime(model, out, PROMPTS, tmp_path / "work")
     assert report["passed"], report["checks"]
     assert report["logits"]["top1_agreement"] == 1.0
     assert report["greedy"]["exact_match_onnxruntime"] == len(PROMPTS)
@@ -74,7 +77,7 @@ def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
 
     model = MergedModel.open(*make_pair(4, 32))
     out = tmp_path / "onnx"
-    onnx_conv.export(model, out)
+    onnx_write.export(model, out)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     nbits = [n.name for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(nbits) == sorted(model.quantized_modules)
@@ -93,9 +96,9 @@ def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
 def test_tied_embeddings(make_pair, tmp_path):
     model = MergedModel.open(*make_pair(4, 32, tie_embeddings=True))
     out = tmp_path / "onnx"
-    onnx_conv.export(model, out)
+    onnx_write.export(model, out)
     # a prompt holding pad_token_id (3), which onnxruntime-genai masks: genai is compared without it
-    report = onnx_conv.verify_runtime(model, out, [PROMPTS[0], [1, 7, 3, 9, 11]], tmp_path / "work")
+    report = onnx_verify.verify_runtime(model, out, [PROMPTS[0], [1, 7, 3, 9, 11]], tmp_path / "work")
     assert report["passed"], report["checks"]
     assert report["greedy"]["onnxruntime_genai"][1]["prompt_tokens"] == 4
     assert report["greedy"]["exact_match_onnxruntime"] == 2
@@ -105,20 +108,20 @@ def test_tied_embeddings(make_pair, tmp_path):
 def test_act_order_is_permuted_exactly(make_pair, tmp_path, zero_points):
     model = MergedModel.open(*make_pair(4, 32, act_order=True))
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out, zero_points=zero_points)
+    summary = onnx_write.export(model, out, zero_points=zero_points)
     assert summary["act_order_permuted_layers"] == len(model.quantized_modules)
-    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
-    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert max(_weight_errors(model, out).values()) <= onnx_spec.WEIGHT_TOLERANCE
+    report = onnx_verify.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
     assert report["passed"], report["checks"]
 
 
 def test_uint8_zero_points_exact_when_integral(make_pair, tmp_path):
     model = MergedModel.open(*make_pair(4, 32, integral=True, intermediate=64))
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out, zero_points="uint8")
+    summary = onnx_write.export(model, out, zero_points="uint8")
     assert summary["exact"] and summary["max_weight_error"] == 0.0
-    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
-    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert max(_weight_errors(model, out).values()) <= onnx_spec.WEIGHT_TOLERANCE
+    report = onnx_verify.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
     assert report["passed"], report["checks"]
 
 
@@ -126,35 +129,35 @@ def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
     model = MergedModel.open(*make_pair(4, 32))
     out = tmp_path / "onnx"
     with pytest.raises(FormatLimitError, match="--allow-rounding") as exc:
-        onnx_conv.export(model, out, zero_points="uint8")
+        onnx_write.export(model, out, zero_points="uint8")
     assert "--zero-points split" in str(exc.value)
     assert not out.exists() and not list(tmp_path.glob(".onnx*"))  # nothing partial left
 
-    summary = onnx_conv.export(model, out, zero_points="uint8", allow_rounding=True)
+    summary = onnx_write.export(model, out, zero_points="uint8", allow_rounding=True)
     assert not summary["exact"] and summary["zeros_moved"] > 0 and summary["rounded_layers"]
-    meta = onnx_conv.merge_metadata(out)
+    meta = onnx_read.merge_metadata(out)
     assert meta["exact"] is False and meta["zero_points"] == "uint8"
-    for name, decoded in onnx_conv.read_weights(out):  # the artifact holds what it declares
-        declared = onnx_conv.declared_weight(model, name, meta)
-        assert float((decoded - declared).abs().max()) <= onnx_conv.WEIGHT_TOLERANCE * float(declared.abs().max())
+    for name, decoded in onnx_read.read_weights(out):  # the artifact holds what it declares
+        declared = onnx_read.declared_weight(model, name, meta)
+        assert float((decoded - declared).abs().max()) <= onnx_spec.WEIGHT_TOLERANCE * float(declared.abs().max())
 
 
 def test_eight_bit(make_pair, tmp_path):
     base, adapter = make_pair(8, 32)
     with pytest.raises(FormatLimitError, match="--zero-points split"):
-        onnx_conv.export(MergedModel.open(base), tmp_path / "float")
+        onnx_write.export(MergedModel.open(base), tmp_path / "float")
     merged = MergedModel.open(base, adapter)  # fractional zeros: exact through the split residual
-    summary = onnx_conv.export(merged, tmp_path / "split", zero_points="split")
+    summary = onnx_write.export(merged, tmp_path / "split", zero_points="split")
     assert summary["exact"] and summary["container_bits"] == 8
-    assert max(_weight_errors(merged, tmp_path / "split").values()) <= onnx_conv.WEIGHT_TOLERANCE
-    report = onnx_conv.verify_runtime(merged, tmp_path / "split", PROMPTS[:1], tmp_path / "work-split")
+    assert max(_weight_errors(merged, tmp_path / "split").values()) <= onnx_spec.WEIGHT_TOLERANCE
+    report = onnx_verify.verify_runtime(merged, tmp_path / "split", PROMPTS[:1], tmp_path / "work-split")
     assert report["passed"], report["checks"]
     model = MergedModel.open(base)  # no adapter: integral zero-points
     out = tmp_path / "onnx"
-    summary = onnx_conv.export(model, out, zero_points="uint8")
+    summary = onnx_write.export(model, out, zero_points="uint8")
     assert summary["exact"] and summary["container_bits"] == 8
-    assert max(_weight_errors(model, out).values()) <= onnx_conv.WEIGHT_TOLERANCE
-    report = onnx_conv.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
+    assert max(_weight_errors(model, out).values()) <= onnx_spec.WEIGHT_TOLERANCE
+    report = onnx_verify.verify_runtime(model, out, PROMPTS[:2], tmp_path / "work")
     assert report["passed"], report["checks"]
 
 
@@ -163,15 +166,15 @@ def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
 
     model = MergedModel.open(*make_pair(4, 32))
     out4 = tmp_path / "acc4"
-    onnx_conv.export(model, out4, accuracy_level=4)
+    onnx_write.export(model, out4, accuracy_level=4)
     assert onnxrt.accuracy_levels(out4) == {4}
-    report = onnx_conv.verify_runtime(model, out4, PROMPTS[:1], tmp_path / "work")
+    report = onnx_verify.verify_runtime(model, out4, PROMPTS[:1], tmp_path / "work")
     assert report["passed"] and report["accuracy_level"] == 0  # verified through a level-0 view
     assert onnxrt.accuracy_levels(out4) == {4}  # the artifact itself is untouched
 
     with pytest.raises(FormatLimitError, match="--dtype fp32"):
-        onnx_conv.export(model, tmp_path / "fp16", dtype="fp16")
-    summary = onnx_conv.export(model, tmp_path / "fp16", dtype="fp16", allow_rounding=True)
+        onnx_write.export(model, tmp_path / "fp16", dtype="fp16")
+    summary = onnx_write.export(model, tmp_path / "fp16", dtype="fp16", allow_rounding=True)
     assert not summary["exact"]
     decoder = onnxrt.OrtDecoder(tmp_path / "fp16")
     logits = decoder.logits(PROMPTS[0])
@@ -185,13 +188,13 @@ def test_refusals(make_pair, tmp_path):
     out = tmp_path / "onnx"
     out.mkdir()
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        onnx_conv.export(model, out)
-    onnx_conv.export(model, out, overwrite=True)
+        onnx_write.export(model, out)
+    onnx_write.export(model, out, overwrite=True)
     assert (out / "model.onnx").is_file()
 
     fake = types.SimpleNamespace(model_config={"model_type": "gpt2"})
     with pytest.raises(UnsupportedModelError, match="gpt2"):
-        onnx_conv.export(fake, tmp_path / "gpt2")
+        onnx_write.export(fake, tmp_path / "gpt2")
     assert not (tmp_path / "gpt2").exists()
 
 
@@ -199,6 +202,6 @@ def test_group_size_onnxruntime_cannot_run(tmp_path):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=8)
     out = tmp_path / "onnx"
     with pytest.raises(FormatLimitError, match="group size 8"):
-        onnx_conv.export(MergedModel.open(base), out)
+        onnx_write.export(MergedModel.open(base), out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output left

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.formats.onnx import format as onnx_converter
+from qalora_export.formats.onnx import encode as onnx_encode
+from qalora_export.formats.onnx import write as onnx_write
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.core.packing import pack_codes, unpack_codes
@@ -55,7 +56,7 @@ def _brute_max_abs(b, bits, scales64, zeros64) -> float:
 def test_max_abs_weight_equals_every_block_rule(bits, code_span, candidates, monkeypatch):
     """Bit-equal to the all-blocks rule, whether the candidates settle it or every block is read
     (narrow codes that never reach 0 or the top code make the bounds loose)."""
-    monkeypatch.setattr(onnx_converter, "MAX_WEIGHT_CANDIDATES", candidates)
+    monkeypatch.setattr(onnx_encode, "MAX_WEIGHT_CANDIDATES", candidates)
     rng = np.random.default_rng(bits + candidates)
     maxq = (1 << bits) - 1
     for n, k_blocks, block in ((1, 1, 16), (9, 4, 32), (40, 16, 16)):
@@ -66,9 +67,9 @@ def test_max_abs_weight_equals_every_block_rule(bits, code_span, candidates, mon
         b = spec.pack_b(codes.astype(np.uint8), bits, block)
         scales = rng.uniform(-0.1, 0.1, size=(n, k_blocks))  # negative scales too: |scale| is what counts
         zeros = rng.integers(0, maxq + 1, size=(n, k_blocks)) + rng.normal(0, 0.8, size=(n, k_blocks))
-        assert onnx_converter.max_abs_weight(b, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
+        assert onnx_encode.max_abs_weight(b, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
         lazy = spec.BFromQweight(pack_codes(torch.from_numpy(codes.T.astype(np.uint8)), bits, dim=0).numpy(), bits, block)
-        assert onnx_converter.max_abs_weight(lazy, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
+        assert onnx_encode.max_abs_weight(lazy, bits, scales, zeros) == _brute_max_abs(b, bits, scales, zeros)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -96,8 +97,8 @@ def _slow_path(monkeypatch):
         layer, fold = model.read_layer(name)
         return layer, fold, None
 
-    monkeypatch.setattr(onnx_converter, "read_for_encoding", read_with_codes)
-    monkeypatch.setattr(onnx_converter, "max_abs_weight", _brute_max_abs)
+    monkeypatch.setattr(onnx_write, "read_for_encoding", read_with_codes)
+    monkeypatch.setattr(onnx_encode, "max_abs_weight", _brute_max_abs)
 
 
 def _assert_same_files(a, b):
@@ -129,11 +130,11 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     # uint8 zero-points hold only integral zeros: round and report (the rounding report reads max |W|)
     options = {"zero_points": zero_points, "allow_rounding": zero_points == "uint8"}
     monkeypatch.setattr(spec, "B_ROW_BLOCK_BYTES", 1000)  # B written in several uneven row blocks
-    fast = onnx_converter.export(model, tmp_path / "fast", **options)
+    fast = onnx_write.export(model, tmp_path / "fast", **options)
     assert fast["max_weight_rel_error"] > 0  # the max |W| report is exercised
     with monkeypatch.context() as patched:
         _slow_path(patched)
-        slow = onnx_converter.export(MergedModel.open(base, adapter), tmp_path / "slow", **options)
+        slow = onnx_write.export(MergedModel.open(base, adapter), tmp_path / "slow", **options)
     assert fast["act_order_permuted_layers"] == slow["act_order_permuted_layers"] == (7 * 2 if act_order else 0)
     _assert_same_files(tmp_path / "fast", tmp_path / "slow")
 
@@ -150,5 +151,5 @@ def test_fast_path_reads_no_codes(tmp_path, monkeypatch):
         return real(self, name, with_codes)
 
     monkeypatch.setattr(type(model.base), "read_layer", spy)
-    onnx_converter.export(model, tmp_path / "out", zero_points="split")
+    onnx_write.export(model, tmp_path / "out", zero_points="split")
     assert unpacked and not any(unpacked)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_export.formats.onnx.graph import rotary_caches
+from qalora_export.formats.onnx.decoder import rotary_caches
 from qalora_export.modeling.model import hf_config_from
 
 BASE = {"model_type": "llama", "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,

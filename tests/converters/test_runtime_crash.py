@@ -12,7 +12,7 @@ import pytest
 import gguf_helpers
 import tiny_models
 from qalora_export.cli import EXIT_VERIFY_FAILED, main
-from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import FORMAT as G
 from qalora_export.errors import RuntimeCrashError
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.formats.gguf import runtime as llamacpp

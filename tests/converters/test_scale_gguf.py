@@ -12,7 +12,8 @@ import pytest
 
 import gguf_helpers
 import tiny_models
-from qalora_export.formats.gguf import format as G
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import plan as gguf_plan
 from qalora_export.checkpoint.merged_view import MergedModel
 
 
@@ -22,7 +23,7 @@ def test_row_blocks_are_byte_identical_to_whole_tables(tmp_path, monkeypatch, em
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=tied)
     model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
     hidden, vocab = model.model_config["hidden_size"], model.model_config["vocab_size"]
-    monkeypatch.setattr(G, "FLOAT_BLOCK_BYTES", 7 * hidden * 2)  # 7 rows a block
+    monkeypatch.setattr(gguf_plan, "FLOAT_BLOCK_BYTES", 7 * hidden * 2)  # 7 rows a block
     assert vocab % 7
     reads = []
     real_read = MergedModel.read_tensor
@@ -38,9 +39,9 @@ def test_row_blocks_are_byte_identical_to_whole_tables(tmp_path, monkeypatch, em
     assert sum(name == "model.embed_tokens.weight" for name, _ in reads) == -(-vocab // 7)
 
     def whole(model, key, shape, ggml_type):  # the original: the table read and converted in one piece
-        yield G._float_array(model.read_tensor(key), ggml_type)
+        yield gguf_plan._float_array(model.read_tensor(key), ggml_type)
 
-    monkeypatch.setattr(G, "_float_row_blocks", whole)
+    monkeypatch.setattr(gguf_plan, "_float_row_blocks", whole)
     G.export(model, tmp_path / "whole.gguf", embeddings=embeddings)
     assert (tmp_path / "blocks.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
 
@@ -59,7 +60,7 @@ def test_fp16_tables_keep_their_bytes_as_f16():
     bits[0, :len(special)] = special
     table = torch.from_numpy(bits.view(np.float16).copy())
     round_trip = table.to(torch.float32).numpy().astype(np.float16)
-    assert G._float_array(table, "F16").tobytes() == round_trip.tobytes()
+    assert gguf_plan._float_array(table, "F16").tobytes() == round_trip.tobytes()
     with_nan = table.clone()
     with_nan[3, 3] = float("nan")
-    assert G._float_array(with_nan, "F16").tobytes() == with_nan.to(torch.float32).numpy().astype(np.float16).tobytes()
+    assert gguf_plan._float_array(with_nan, "F16").tobytes() == with_nan.to(torch.float32).numpy().astype(np.float16).tobytes()

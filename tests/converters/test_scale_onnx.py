@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 import tiny_models
-from qalora_export.formats.onnx import format as onnx_converter
+from qalora_export.formats.onnx import write as onnx_write
 from qalora_export.formats.onnx import graph as onnx_graph
 from qalora_export.checkpoint.merged_view import MergedModel
 
@@ -45,11 +45,11 @@ def test_streamed_external_data_is_byte_identical(tmp_path, monkeypatch):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4)
     model = MergedModel.open(base, adapter)
-    onnx_converter.export(model, tmp_path / "new", zero_points="split")
-    onnx_converter.export_float_reference(model, tmp_path / "new-float")
+    onnx_write.export(model, tmp_path / "new", zero_points="split")
+    onnx_write.export_float_reference(model, tmp_path / "new-float")
     monkeypatch.setattr(onnx_graph.ExternalData, "add", original_add)
-    onnx_converter.export(model, tmp_path / "old", zero_points="split")
-    onnx_converter.export_float_reference(model, tmp_path / "old-float")
+    onnx_write.export(model, tmp_path / "old", zero_points="split")
+    onnx_write.export_float_reference(model, tmp_path / "old-float")
     for new, old in (("new", "old"), ("new-float", "old-float")):
         files = sorted(p.name for p in (tmp_path / new).iterdir())
         assert files == sorted(p.name for p in (tmp_path / old).iterdir())
@@ -67,15 +67,15 @@ def test_float_weight_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
     vocab = model.model_config["vocab_size"]
     monkeypatch.setattr(onnx_graph, "FLOAT_BLOCK_BYTES", 3 * vocab * 4)  # 3 rows of weight_t a block
     assert hidden % 3
-    onnx_converter.export(model, tmp_path / "blocks", zero_points="split")
-    onnx_converter.export_float_reference(model, tmp_path / "blocks-float")
+    onnx_write.export(model, tmp_path / "blocks", zero_points="split")
+    onnx_write.export_float_reference(model, tmp_path / "blocks-float")
 
     def one_copy(weight, dtype):  # the original: the whole transposed table in one C-order copy
         yield np.ascontiguousarray(np.asarray(weight).T, dtype=dtype)
 
     monkeypatch.setattr(onnx_graph, "transposed_row_blocks", one_copy)
-    onnx_converter.export(model, tmp_path / "whole", zero_points="split")
-    onnx_converter.export_float_reference(model, tmp_path / "whole-float")
+    onnx_write.export(model, tmp_path / "whole", zero_points="split")
+    onnx_write.export_float_reference(model, tmp_path / "whole-float")
     for new, old in (("blocks", "whole"), ("blocks-float", "whole-float")):
         for name in sorted(p.name for p in (tmp_path / old).iterdir()):
             assert (tmp_path / new / name).read_bytes() == (tmp_path / old / name).read_bytes(), f"{new}/{name}"
@@ -104,11 +104,11 @@ def test_tables_read_in_row_blocks_equal_whole_reads(tmp_path, monkeypatch, dtyp
     model = MergedModel.open(base)
     monkeypatch.setattr(model.base, "read_tensor", _as_dtype(model.base.read_tensor, dtype))
     monkeypatch.setattr(model.base, "tensor_spec", lambda name, real=model.base.tensor_spec: (dtype, real(name)[1]))
-    monkeypatch.setattr(onnx_converter, "READ_BLOCK_BYTES", 5 * 64 * 2)  # 5 rows (hidden 64), uneven last block
+    monkeypatch.setattr(onnx_write, "READ_BLOCK_BYTES", 5 * 64 * 2)  # 5 rows (hidden 64), uneven last block
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
         whole = model.base.read_tensor(name)
         expected = (whole.to(torch.float32) if dtype == torch.bfloat16 else whole).numpy()
-        got = onnx_converter._tensor_np(model, name)
+        got = onnx_write._tensor_np(model, name)
         assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), name
 
 

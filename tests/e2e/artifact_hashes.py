@@ -56,7 +56,7 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(HERE.parent))
     import tiny_models  # noqa: E402  (tests/ helpers)
 
-    from qalora_export.formats import get_converter
+    from qalora_export.formats import get_format
     from qalora_export.checkpoint.merged_view import MergedModel
 
     adapter = tiny_models.make_random_adapter(base, workdir / "adapter", rank=8, alpha=16.0, seed=7)
@@ -64,7 +64,7 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
     for case, (fmt, options) in CASES.items():
         model = MergedModel.open(base, adapter)
         out = workdir / artifact_name(fmt, case)
-        get_converter(fmt).export(model, out, **options)
+        get_format(fmt).export(model, out, **options)
         written = sorted(workdir.glob(f"{case}*.gguf")) if fmt == "gguf" else [out]
         hashes[case] = {k: v for p in written for k, v in tree_hashes(p, base.parent).items()}
     return hashes

@@ -1,1 +1,115 @@
-"""formats/onnx"""
+"""ONNX for onnxruntime and onnxruntime-genai: a LLaMA-family decoder whose quantized projections are
+``com.microsoft.MatMulNBits`` nodes holding the folded codes, scales and zero-points.
+
+Stages: ``spec`` (MatMulNBits layout, tolerances and file names as data), ``encode`` (a folded
+layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``graph`` and ``decoder``
+(the decoder graph; the only modules that drive the ``onnx`` library), ``write`` (the artifact
+directory, atomically), ``genai`` (``genai_config.json``), ``read`` (this project's own reader),
+``verify`` and ``runtime`` (onnxruntime and onnxruntime-genai, in a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, Iterator
+
+from qalora_export.extras import Requirement
+from qalora_export.formats.onnx.runtime import RUNTIME
+from qalora_export.formats.protocol import MemoryModel
+
+
+class ONNX:
+    name = "onnx"
+    help = "ONNX with com.microsoft.MatMulNBits (onnxruntime, onnxruntime-genai)"
+    has_verb = True
+    output_suffix = ""
+    artifact = "an ONNX directory (model.onnx)"
+    # the writer builds the graph with onnx; verify runs onnxruntime and onnxruntime-genai
+    export_requires = (Requirement("onnx", ("onnx",)),)
+    runtime_requires = (Requirement("onnx", ("onnx", "onnxruntime", "onnxruntime_genai")),)
+    runtime = RUNTIME
+    # docs/scale.md: qweight and MatMulNBits B laid out 1 MB at a time, the float tables copied once,
+    # over onnx's and transformers' configuration imports
+    memory = MemoryModel(baseline_bytes=435 << 20, bytes_per_weight=0.6, float_tensor_copies=1.05)
+    holds_float_zeros = True
+    writes_shards = False
+
+    @property
+    def weight_tolerance(self) -> float:
+        from qalora_export.formats.onnx.spec import WEIGHT_TOLERANCE
+
+        return WEIGHT_TOLERANCE
+
+    def detect(self, path: Path) -> bool:
+        from qalora_export.formats.onnx.spec import MODEL_FILE
+
+        return Path(path).is_dir() and (Path(path) / MODEL_FILE).is_file()
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        from qalora_export.formats.onnx.spec import ACCURACY_LEVELS, DTYPES
+
+        parser.add_argument("--zero-points", choices=("float", "split", "uint8"), default="float",
+                            help="float: exact, onnxruntime's slow CPU path; split: exact, uint8 integer part plus a "
+                                 "per-group correction (fast path); uint8: needs integral zeros (or --allow-rounding)")
+        parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=0,
+                            help="MatMulNBits accuracy_level (4 = int8 activations, faster, not exact)")
+        parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="activation/scale dtype")
+        parser.add_argument("--allow-rounding", action="store_true",
+                            help="with --zero-points uint8: round fractional zeros (reported)")
+
+    def options_from_args(self, args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
+        options = {"zero_points": args.zero_points, "accuracy_level": args.accuracy_level, "dtype": args.dtype}
+        if args.allow_rounding:
+            options["allow_rounding"] = True
+        return options
+
+    def export(self, model, out: Path, **options) -> dict:
+        from qalora_export.formats.onnx.write import export
+
+        return export(model, out, **options)
+
+    def read_weights(self, path: Path) -> Iterator:
+        from qalora_export.formats.onnx.read import read_weights
+
+        return read_weights(path)
+
+    def read_weight_rows(self, path: Path) -> Iterator:
+        from qalora_export.formats.onnx.read import read_weight_rows
+
+        return read_weight_rows(path)
+
+    def merge_metadata(self, path: Path) -> dict:
+        from qalora_export.formats.onnx.read import merge_metadata
+
+        return merge_metadata(path)
+
+    def declared_layer(self, model, name: str, meta: dict):
+        from qalora_export.formats.onnx.read import declared_layer
+
+        return declared_layer(model, name, meta)
+
+    def verify_runtime(self, model, artifact: Path, prompts: list[list[int]], workdir: Path, device: str) -> dict:
+        from qalora_export.formats.onnx.verify import verify_runtime
+
+        return verify_runtime(model, artifact, prompts, workdir)  # onnxruntime's CPU provider
+
+    def inspect(self, path: Path) -> dict:
+        from qalora_export.extras import require
+        from qalora_export.formats.onnx.read import inspect_model
+
+        require(self.export_requires, f"inspect of the ONNX model {path}")
+        return inspect_model(path)
+
+    def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
+        """Codes in MatMulNBits B (3-bit codes in a 4-bit container), fp32 scales and float zero-points
+        per block (``block_size_for``), plus the float tensors."""
+        from qalora_export.checkpoint.shapes import float_tensor_bytes, quantized_weight_count
+        from qalora_export.formats.onnx.spec import block_size_for, container_bits
+
+        weights = quantized_weight_count(config)
+        blocks = weights // block_size_for(group_size)
+        return weights * container_bits(bits) // 8 + blocks * 8 + float_tensor_bytes(config, bits, group_size)
+
+
+FORMAT = ONNX()

@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from qalora_export.formats.onnx.graph import DecoderConfig
+from qalora_export.formats.onnx.decoder import DecoderConfig
+from qalora_export.formats.onnx.spec import GENAI_CONFIG_FILE, MODEL_FILE
 
-GENAI_CONFIG_FILE = "genai_config.json"
-MODEL_FILE = "model.onnx"
 
 
 def _token_ids(model_config: dict, generation_config: Optional[dict]) -> tuple:

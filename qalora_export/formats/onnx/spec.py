@@ -286,3 +286,14 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block_s
     s = np.repeat(scales.astype(np.float64), block_size, axis=1)[:, :k]
     z = np.repeat(zeros.astype(np.float64), block_size, axis=1)[:, :k]
     return s * (codes.astype(np.float64) - z)
+
+
+# ------------------------------------------------------------------------------------ files
+
+MODEL_FILE = "model.onnx"  # the graph; every initializer over 1 KiB lives in DATA_FILE
+DATA_FILE = MODEL_FILE + ".data"
+GENAI_CONFIG_FILE = "genai_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+METADATA_VERSION = "1"
+MERGE_METADATA_KEY = "qalora_export.merge"  # metadata_props entry: JSON of what the export rounded

@@ -1,0 +1,124 @@
+"""What an output format is: the :class:`Format` protocol every ``formats/<name>/`` package implements.
+
+The rest of the tool (cli, verify, inspect, plan) holds no format names: it loops over the
+registry (:mod:`qalora_export.formats`) and calls these members. A format package keeps its stages
+in files of their own (``spec`` layout as data, ``encode``, ``write``, ``read``, ``verify`` with
+its runtime driver) and exposes one object, ``FORMAT``, that implements this protocol by
+delegating to them; its ``__init__`` imports nothing heavy, so looping over the registry (e.g. to
+detect an artifact's format) costs no runtime import.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.core.record import QuantizedLinear
+    from qalora_export.core.weight_rows import WeightRows
+    from qalora_export.extras import Requirement
+    from qalora_export.runtimes.isolation import RuntimeInfo
+
+# Weight-level tolerance: a float (relative to the layer's max |W|) or ``(model, layer name) -> allowed
+# absolute error``.
+WeightTolerance = Union[float, Callable[["MergedModel", str], float]]
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak memory of an export (docs/scale.md): ``baseline + max(bytes_per_weight * largest quantized
+    linear's weights, float_tensor_copies * largest float tensor's bytes)``, constants fitted to
+    measured peaks."""
+
+    baseline_bytes: int
+    bytes_per_weight: float
+    float_tensor_copies: float
+
+
+@runtime_checkable
+class Format(Protocol):
+    """One output format. Tensor shapes follow PyTorch: a linear's weight is ``[out, in]``."""
+
+    name: str  # ``merge --to NAME`` (and ``qalora-export NAME`` when ``has_verb``)
+    help: str  # what it is, one line for ``--help`` ("a llama.cpp GGUF with Q4_1 blocks")
+    has_verb: bool  # a verb of its own besides ``merge --to NAME``
+    output_suffix: str  # of the path ``-o`` names: ".gguf" for a file, "" for a directory
+    artifact: str  # what ``-o`` names, for messages: "a .gguf file", "an ONNX directory (model.onnx)"
+    export_requires: tuple["Requirement", ...]  # optional packages writing needs (checked first)
+    runtime_requires: tuple["Requirement", ...]  # ... and verify's runtime level
+    runtime: "RuntimeInfo"  # the runtime verify_runtime drives (named when it crashes)
+    weight_tolerance: WeightTolerance
+    memory: MemoryModel
+    holds_float_zeros: bool  # stores fractional folded zero-points exactly (no rounding)
+    writes_shards: bool  # writes safetensors shards of ``max_shard_bytes`` (a plan lists them)
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` is an artifact of this format (cheap: file names and suffixes only)."""
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        """Add this format's export options (names unique across formats: ``merge`` takes them all)."""
+
+    def options_from_args(self, args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
+        """The keyword arguments of :meth:`export` from parsed options (``progress``: per-layer callback)."""
+
+    def export(self, model: "MergedModel", out: Path, **options) -> dict:
+        """Write ``model`` (base with its adapter folded in) at ``out`` atomically; a JSON-able summary."""
+
+    def read_weights(self, path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """Every quantized layer decoded by this project's own reader: ``(module name, float64 [out, in])``."""
+
+    def read_weight_rows(self, path: Path) -> Iterator[tuple[str, "WeightRows"]]:
+        """The same layers, decoded a row block at a time (what verify's weight level reads)."""
+
+    def merge_metadata(self, path: Path) -> dict:
+        """What the export recorded about the fold (exact or rounded, zeros moved); ``{}`` if nothing."""
+
+    def declared_layer(self, model: "MergedModel", name: str, meta: dict) -> "QuantizedLinear":
+        """The record the artifact declares it holds for ``name``: the fold, rounded as ``meta`` says."""
+
+    def verify_runtime(self, model: "MergedModel", artifact: Path, prompts: list[list[int]], workdir: Path,
+                       device: str) -> dict:
+        """Run ``artifact`` in the real runtime against the unmerged PyTorch model; ``result["passed"]``."""
+
+    def inspect(self, path: Path) -> dict:
+        """A short JSON-able description of an artifact of this format."""
+
+    def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
+        """Approximate tensor bytes of an export of a model with this ``config.json`` (for plans)."""
+
+
+class FormatDefaults:
+    """Defaults a format may inherit: no merge metadata, the declared layer is the exact fold, whole
+    weights assembled from the row reader."""
+
+    def merge_metadata(self, path: Path) -> dict:
+        return {}
+
+    def declared_layer(self, model: "MergedModel", name: str, meta: dict) -> "QuantizedLinear":
+        return model.read_layer(name)[0]
+
+    def read_weights(self, path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+        for name, rows in self.read_weight_rows(path):  # type: ignore[attr-defined]
+            yield name, rows.rows(0, rows.shape[0])
+
+
+def parse_byte_size(text: str) -> int:
+    """``5GB`` / ``500MiB`` / ``123456`` -> bytes (an argparse ``type``; decimal and binary units)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    value = text.strip().upper()
+    number = value.rstrip("KMGTIB")
+    unit = value[len(number):]
+    try:
+        size = int(float(number) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 5GB, 500MiB or a byte count") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the shard size must be positive")
+    return size
+
