@@ -61,7 +61,8 @@ def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0) -> Path
     """A random QA-LoRA adapter on every quantized layer of ``base`` (fractional folded zeros)."""
     import torch
 
-    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
+    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+    from qalora_export.checkpoint.adapter_files import save_adapter
     from qalora_export.checkpoint.gptq import GPTQCheckpoint
 
     if out.exists():

@@ -39,8 +39,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "converters")]  # the tests' tiny BPE tokenizer builder
 
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter  # noqa: E402
-from qalora_export.checkpoint.gptq import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs)  # noqa: E402
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+from qalora_export.checkpoint.adapter_files import save_adapter  # noqa: E402
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import GPTQConfig  # noqa: E402
 from qalora_export.core.packing import pack_codes  # noqa: E402
 from qalora_export.checkpoint.shapes import checkpoint_tensors, linear_shapes  # noqa: E402
 from qalora_export.plan import SHAPES, plan_merge  # noqa: E402

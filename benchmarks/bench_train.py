@@ -102,12 +102,13 @@ def fixture_dirs(out: Path) -> tuple[Path, Path]:
 
 def build_variant(variant: str, float_dir: Path, base_dir: Path, rank: int, device: torch.device):
     from qalora_export.modeling.model import build_model, qalora_modules
-    from qalora_export.training.train import init_adapters
+    from qalora_export.training.optim import init_adapters
 
     if variant.startswith("qalora"):
         int_range = None
         if variant == "qalora-intzeros":
-            from qalora_export.checkpoint.gptq import GPTQCheckpoint, zero_range
+            from qalora_export.checkpoint.gptq import GPTQCheckpoint
+            from qalora_export.checkpoint.gptq_config import zero_range
 
             cfg = GPTQCheckpoint(base_dir).config
             int_range = zero_range(cfg.bits, cfg.checkpoint_format)
@@ -138,7 +139,8 @@ def batches(workload: str, float_dir: Path, args, steps: int):
 
     if workload == "fixture":
         from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-        from qalora_export.training.train import BatchStream, TrainConfig, load_tokenizer, prepare_data
+        from qalora_export.training.prepare import BatchStream, load_tokenizer, prepare_data
+        from qalora_export.training.config import TrainConfig
 
         data = Path(args.workdir) / "fixture-train.jsonl"
         write_jsonl(data, make_splits(320, 0, 0)[0])
@@ -158,7 +160,8 @@ def batches(workload: str, float_dir: Path, args, steps: int):
 
 def measure(args) -> dict:
     """Train one variant for warmup + timed steps; tokens/s and peak memory."""
-    from qalora_export.training.train import TrainConfig, lr_lambda, make_optimizer, train_step
+    from qalora_export.training.config import TrainConfig
+    from qalora_export.training.optim import lr_lambda, make_optimizer, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

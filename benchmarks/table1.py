@@ -67,7 +67,7 @@ class Table:
         from qalora_export.training.examples import build_dataset
         from qalora_export.fixtures.smollm2 import smollm2_float_dir
         from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-        from qalora_export.training.train import TrainConfig
+        from qalora_export.training.config import TrainConfig
 
         self.args = args
         self.work = args.workdir
@@ -198,8 +198,8 @@ def train_float_lora(float_dir: Path, data: Path, config, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     from qalora_export.training.examples import collate
-    from qalora_export.training.train import (BatchStream, load_tokenizer, lr_lambda, make_optimizer, prepare_data,
-                                     train_step)
+    from qalora_export.training.prepare import BatchStream, load_tokenizer, prepare_data
+    from qalora_export.training.optim import lr_lambda, make_optimizer, train_step
 
     tokenizer = load_tokenizer(float_dir)
     prepared = prepare_data(tokenizer, data, config)

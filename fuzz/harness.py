@@ -113,7 +113,8 @@ def target_gptq_config(data: bytes, tpl: Path, ws: Workspace) -> dict:
 
 
 def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
-    from qalora_export.core.adapter import adapter_delta, load_adapter
+    from qalora_export.core.adapter import adapter_delta
+    from qalora_export.checkpoint.adapter_files import load_adapter
     from qalora_export.checkpoint.gptq import GPTQCheckpoint
     from qalora_export.checkpoint.merged_view import MergedModel
 

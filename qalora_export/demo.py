@@ -76,9 +76,10 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
     from qalora_export.checkpoint.merged_view import MergedModel
     from qalora_export.modeling.model import build_model
-    from qalora_export.core.adapter import load_adapter
+    from qalora_export.checkpoint.adapter_files import load_adapter
     from qalora_export.quantization.quantize import quantize_model
-    from qalora_export.training.train import TrainConfig, train_adapter
+    from qalora_export.training.config import TrainConfig
+    from qalora_export.training.train import train_adapter
     from qalora_export.verify import verify_artifact
 
     log = log or (lambda msg: None)

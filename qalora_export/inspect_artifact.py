@@ -26,7 +26,8 @@ def inspect_path(path: Path) -> dict:
 
 
 def _inspect_adapter(path: Path) -> dict:
-    from qalora_export.core.adapter import AdapterError, load_adapter
+    from qalora_export.core.adapter import AdapterError
+    from qalora_export.checkpoint.adapter_files import load_adapter
     from qalora_export.storage.atomic import read_json
 
     config = read_json(path / "adapter_config.json", AdapterError)

@@ -11,17 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qalora_export.core.adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_METADATA,
-    ADAPTER_WEIGHTS,
-    AdapterLayer,
-    QALoRAAdapter,
-    adapter_delta,
-    load_adapter,
-    pooling_factor,
-    save_adapter,
-)
+from qalora_export.checkpoint.adapter_files import ADAPTER_CONFIG, ADAPTER_METADATA, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, adapter_delta, pooling_factor
 from qalora_export.errors import AdapterError, OutputExistsError
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -307,7 +298,7 @@ def test_load_does_not_modify_the_adapter_dir(tmp_path):
 def test_loaded_factors_are_read_one_module_at_a_time(tmp_path, monkeypatch):
     """load_adapter checks every tensor once and keeps none; a lookup reads only that module's A
     and B (kept until another module is read); assigned modules live in memory."""
-    import qalora_export.core.adapter as adapter_module
+    import qalora_export.checkpoint.adapter_files as adapter_module
 
     original = make_adapter()
     reads = []

@@ -12,7 +12,7 @@ import tiny_models
 from qalora_export.training.examples import IGNORE_INDEX, build_dataset, collate
 from qalora_export.training.evaluate import exact_match_accuracy, greedy_generate, held_out_loss, response_loss
 from qalora_export.modeling.model import build_model
-from qalora_export.training.train import load_tokenizer
+from qalora_export.training.prepare import load_tokenizer
 
 RECORDS = [
     {"instruction": "w10 w11 w12", "output": "w12 w11 w10"},

@@ -223,7 +223,7 @@ def snapshot(path: Path, inp: dict, kind: str):
 
         return GPTQCheckpoint(path).fingerprint()
     if kind == "train":
-        from qalora_export.core.adapter import load_adapter
+        from qalora_export.checkpoint.adapter_files import load_adapter
 
         ad = load_adapter(path)
         return {n: (l.lora_A.tolist(), l.lora_B.tolist()) for n, l in ad.layers.items()}

@@ -12,10 +12,13 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, adapter_delta, load_adapter
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, adapter_delta
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.errors import AdapterError, FoldError
 from qalora_export.core.fold import effective_weight, fold_into_zero_points, pooling_group_of_quant_groups
-from qalora_export.checkpoint.gptq import GPTQCheckpoint, GPTQConfig, decode_layer, encode_layer
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import GPTQConfig
+from qalora_export.checkpoint.gptq_codec import decode_layer, encode_layer
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.core.record import quantize_rtn
 

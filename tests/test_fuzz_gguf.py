@@ -136,7 +136,6 @@ def test_missing_file_is_refused(tmp_path):
 
 
 def test_unreadable_path_in_type_scan_is_refused(tmp_path):
-    from qalora_export.formats import get_format
 
     with pytest.raises(CheckpointError, match="cannot read GGUF file"):
         gguf_read.read_file_types(tmp_path)  # a directory

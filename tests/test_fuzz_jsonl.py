@@ -21,7 +21,7 @@ from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402
 import seeds  # noqa: E402
 
-from qalora_export.training.examples import read_jsonl, validate_example  # noqa: E402
+from qalora_export.training.examples import validate_example  # noqa: E402
 from qalora_export.errors import DataError  # noqa: E402
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)

@@ -18,18 +18,10 @@ from safetensors.torch import save_file
 
 import tiny_models
 from qalora_export.errors import CheckpointError, FormatLimitError
-from qalora_export.checkpoint.gptq import (
-    INDEX_FILE,
-    CheckpointWriter,
-    GPTQCheckpoint,
-    GPTQConfig,
-    decode_layer,
-    decode_zeros,
-    encode_layer,
-    parse_gptq_config,
-    write_configs,
-    zero_range,
-)
+from qalora_export.checkpoint.gptq_config import INDEX_FILE, GPTQConfig, parse_gptq_config, zero_range
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_codec import decode_layer, decode_zeros, encode_layer
 from qalora_export.core.packing import pack_codes, unpack_codes
 from qalora_export.core.record import quantize_rtn
 

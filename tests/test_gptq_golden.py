@@ -32,7 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tiny_models
-from qalora_export.checkpoint.gptq import GPTQCheckpoint, encode_layer
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_codec import encode_layer
 from qalora_export.core.packing import pack_codes, unpack_codes
 
 pytest.importorskip("gptqmodel")

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import load_adapter
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.core.fold import effective_weight, fold_into_zero_points, round_zero_shift
-from qalora_export.checkpoint.gptq import GPTQCheckpoint, zero_range
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import zero_range
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.modeling.model import build_model, qalora_modules
-from qalora_export.training.train import TrainConfig, train_adapter
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.train import train_adapter
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 
 from qalora_export.formats.gptq import FORMAT as gptq_converter

@@ -24,10 +24,11 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import ADAPTER_METADATA, load_adapter
+from qalora_export.checkpoint.adapter_files import ADAPTER_METADATA, load_adapter
 from qalora_export.modeling.model import TARGET_MODULES, build_model
 from qalora_export.modeling.qalora_linear import QALoRALinear
-from qalora_export.training.train import TrainConfig, train_adapter
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.train import train_adapter
 
 GROUP_SIZE = 16
 

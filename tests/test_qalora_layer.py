@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, load_adapter, pooling_factor
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, pooling_factor
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.core.fold import effective_weight, fold_into_zero_points
 from qalora_export.modeling.qalora_linear import QALoRALinear
 from qalora_export.core.record import quantize_rtn

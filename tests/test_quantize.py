@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 import tiny_models
 from qalora_export.errors import CheckpointError, ConfigError, OutputExistsError, UnsupportedModelError
-from qalora_export.checkpoint.gptq import INDEX_FILE, GPTQCheckpoint, GPTQConfig
+from qalora_export.checkpoint.gptq_config import INDEX_FILE, GPTQConfig
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.core.record import quantize_rtn
 from qalora_export.quantization.quantize import quantize_model
 

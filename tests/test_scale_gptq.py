@@ -19,7 +19,10 @@ from safetensors.torch import save_file
 import tiny_models
 from qalora_export.formats.gptq import FORMAT as gptq_converter
 from qalora_export.formats.gptq import encode as gptq_encode
-from qalora_export.checkpoint.gptq import INDEX_FILE, CheckpointWriter, GPTQCheckpoint, encode_layer
+from qalora_export.checkpoint.gptq_config import INDEX_FILE
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_codec import encode_layer
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.storage.safetensors_stream import TensorSpec, header_bytes, plan_shards
 

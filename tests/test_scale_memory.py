@@ -20,8 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.checkpoint.gptq import CheckpointWriter, GPTQCheckpoint, GPTQConfig, write_configs
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+from qalora_export.checkpoint.adapter_files import save_adapter
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import GPTQConfig
 from qalora_export.core.packing import pack_codes
 from qalora_export.checkpoint.shapes import checkpoint_tensors, linear_shapes
 

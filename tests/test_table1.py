@@ -8,7 +8,7 @@ import torch
 
 import benchmark_scripts
 import tiny_models
-from qalora_export.core.adapter import load_adapter
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.modeling.model import build_model
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import load_adapter
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.training.examples import collate
 from qalora_export.errors import (CheckpointError, ConfigError, DataError, OutputExistsError, TrainingError,
                                   UnsupportedModelError)
@@ -34,20 +34,10 @@ from qalora_export.core.fold import effective_weight, fold_into_zero_points
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.modeling.model import TARGET_MODULES, build_model, qalora_modules
 from qalora_export.modeling.qalora_linear import QALoRALinear
-from qalora_export.training.train import (
-    TRAINING_LOG,
-    BatchStream,
-    TrainConfig,
-    adapter_parameters,
-    init_adapters,
-    iter_training_log,
-    load_tokenizer,
-    lr_lambda,
-    make_optimizer,
-    prepare_data,
-    train_adapter,
-    train_step,
-)
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.prepare import BatchStream, load_tokenizer, prepare_data
+from qalora_export.training.train import iter_training_log, train_adapter
+from qalora_export.training.optim import adapter_parameters, init_adapters, lr_lambda, make_optimizer, train_step
 
 GROUP_SIZE = 16
 FAST = dict(rank=4, alpha=8.0, batch_size=8, max_length=32, lr=1e-2, warmup_steps=2, held_out=8)

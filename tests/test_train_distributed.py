@@ -30,12 +30,14 @@ import pytest
 import torch
 
 import tiny_models
-from qalora_export.core.adapter import load_adapter
+from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.training.examples import collate
-from qalora_export.errors import ConfigError, OutputWriteError, TrainingError
+from qalora_export.errors import ConfigError
 from qalora_export.modeling.model import build_model
-from qalora_export.training.train import (TrainConfig, adapter_parameters, init_adapters, load_tokenizer, lr_lambda,
-                                 make_optimizer, prepare_data, train_adapter, train_step)
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.optim import adapter_parameters, init_adapters, lr_lambda, make_optimizer, train_step
+from qalora_export.training.prepare import load_tokenizer, prepare_data
+from qalora_export.training.train import train_adapter
 from qalora_export.training.distributed import (enable_gradient_checkpointing, launcher_rank, setup_distributed,
                                              shard_bounds)
 from test_train import GROUP_SIZE, copy_task, write_jsonl

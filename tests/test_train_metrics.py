@@ -16,7 +16,8 @@ import torch
 import tiny_models
 from qalora_export.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from qalora_export.errors import ConfigError, OutputWriteError
-from qalora_export.training.train import TrainConfig, iter_training_log, train_adapter
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.train import iter_training_log, train_adapter
 from qalora_export.training.metrics_log import LOSS_CURVE, MetricsLog, default_metrics_path
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 

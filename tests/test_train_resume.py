@@ -17,7 +17,8 @@ import torch
 
 import tiny_models
 from qalora_export.errors import ConfigError
-from qalora_export.training.train import TrainConfig, iter_training_log, train_adapter
+from qalora_export.training.config import TrainConfig
+from qalora_export.training.train import iter_training_log, train_adapter
 from qalora_export.training.checkpoint import checkpoint_dirs
 from test_train import FAST, GROUP_SIZE, copy_task, write_jsonl
 

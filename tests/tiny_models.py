@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.checkpoint.gptq import (CheckpointWriter, GPTQCheckpoint, GPTQConfig, encode_layer, write_configs,
-                                       zero_range)
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+from qalora_export.checkpoint.adapter_files import save_adapter
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import GPTQConfig, zero_range
+from qalora_export.checkpoint.gptq_codec import encode_layer
 from qalora_export.storage.atomic import atomic_output_dir
 from qalora_export.core.record import quantize_rtn
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from qalora_export.cli import verbs
-from qalora_export.core.adapter import POOLINGS
+from qalora_export.checkpoint.adapter_files import POOLINGS
 from qalora_export.formats import DEFAULT_FORMAT, all_formats
 from qalora_export.formats.protocol import Format
 

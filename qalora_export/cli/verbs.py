@@ -39,7 +39,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from qalora_export.training.train import TrainConfig, train_adapter
+    from qalora_export.training.config import TrainConfig
+    from qalora_export.training.train import train_adapter
     from qalora_export.training.distributed import launcher_rank
     from qalora_export.training.metrics_log import default_metrics_path
 

@@ -21,7 +21,9 @@ import torch
 
 from qalora_export.errors import ConfigError, UnsupportedModelError
 from qalora_export.checkpoint.float_source import open_float_model
-from qalora_export.checkpoint.gptq import CHECKPOINT_FORMATS, CheckpointWriter, GPTQConfig, encode_layer, write_configs, zero_range
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, GPTQConfig, zero_range
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
+from qalora_export.checkpoint.gptq_codec import encode_layer
 from qalora_export.storage.atomic import atomic_output_dir
 from qalora_export.modeling.model import check_supported
 from qalora_export.core.record import check_quant_args, quantize_rtn

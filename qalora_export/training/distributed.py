@@ -49,7 +49,7 @@ from qalora_export.errors import ConfigError, QALoRAExportError, TrainingError
 from qalora_export.training.evaluate import autocast_context, response_loss
 
 if TYPE_CHECKING:
-    from qalora_export.training.train import TrainConfig
+    from qalora_export.training.config import TrainConfig
 
 T = TypeVar("T")
 _MESSAGE_BYTES = 2048  # room for a failed rank-0 section's error message in the status broadcast

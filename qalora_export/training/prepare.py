@@ -21,7 +21,7 @@ from qalora_export.training.examples import DatasetStats, TokenizedExample, buil
 from qalora_export.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
-    from qalora_export.training.train import TrainConfig
+    from qalora_export.training.config import TrainConfig
 
 
 class BatchStream:

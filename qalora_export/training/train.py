@@ -29,252 +29,30 @@ benchmarks and other loops can reuse them.
 from __future__ import annotations
 
 import json
-import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch import nn
 
-from qalora_export.core.adapter import POOLINGS, AdapterLayer, QALoRAAdapter, save_adapter
-from qalora_export.training.examples import IGNORE_INDEX
-from qalora_export.errors import ConfigError, TrainingError
+from qalora_export.checkpoint.adapter_files import save_adapter
+from qalora_export.errors import ConfigError
 from qalora_export.training.evaluate import held_out_loss
 from qalora_export.core.fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
-from qalora_export.checkpoint.gptq import GPTQCheckpoint, zero_range
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.checkpoint.gptq_config import zero_range
 from qalora_export.storage.atomic import check_output_path
-from qalora_export.modeling.model import TARGET_MODULES, build_model, check_supported, qalora_modules
+from qalora_export.modeling.model import build_model, check_supported, qalora_modules
 from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
 from qalora_export.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-# The data pieces live in train_data.py; imported here too, where callers have always found them.
-from qalora_export.training.prepare import BatchStream, PreparedData, file_sha256, load_tokenizer, prepare_data  # noqa: F401
-from qalora_export.training.distributed import (DistContext, accumulate_micro_batch, data_parallel_step,
-                                enable_gradient_checkpointing, finish_step, setup_distributed)
+from qalora_export.training.prepare import BatchStream, PreparedData, file_sha256, load_tokenizer, prepare_data
+from qalora_export.training.distributed import (DistContext, data_parallel_step,
+                                enable_gradient_checkpointing, setup_distributed)
 from qalora_export.training.metrics_log import LOSS_CURVE, MetricsLog, check_matplotlib, check_tensorboard, loss_curve_png
-
-TRAINING_LOG = "training_log.jsonl"
-SCHEDULES = ("cosine", "linear", "constant")
-# How a run executes, not what it computes: left out of the identity a --resume must match, so a
-# run may resume with another accumulation, checkpointing or checkpoint cadence (and world size).
-EXECUTION_FIELDS = ("checkpoint_every", "keep_checkpoints", "grad_accum", "gradient_checkpointing")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one QA-LoRA run (the CLI's ``train`` flags).
-
-    Attributes:
-        rank / alpha: adapter rank ``r`` and ``lora_alpha`` (scale ``alpha / r``).
-        steps: optimizer steps (each one global batch of ``batch_size`` examples).
-        lr: peak learning rate. QA-LoRA adapters see pooled group sums, one value per group, and
-            short runs on small data need a larger rate than full LoRA recipes use; 1e-3 learns
-            the fixture task in a few dozen steps.
-        batch_size: examples per optimizer step, over all processes of a data-parallel run (the
-            global batch; the stream wraps around epochs, every batch full). Each of ``W``
-            processes takes ``batch_size / W`` of them (sizes differ by at most one).
-        max_length: tokens per example; longer ones are dropped or truncated (``on_overlong``).
-        seed: adapter initialisation, held-out split and batch order.
-        held_out: fraction in [0, 1) or count of examples held out for the loss before/after
-            (0: none).
-        pooling: convention recorded with the adapter ("peft" loads in PEFT; see adapter.py).
-        target_modules: projection names that get an adapter.
-        on_overlong: "drop" or "truncate" examples longer than ``max_length`` (counted either way).
-        warmup_steps: linear warmup from 0 to ``lr``.
-        schedule: "cosine" or "linear" decay to 0 after warmup, or "constant".
-        weight_decay: AdamW weight decay on the adapter factors.
-        grad_clip: clip the global gradient norm to this (0: no clipping).
-        log_every: write a ``training_log.jsonl`` row every this many steps (and the last).
-        integer_zeros: integer-zero training (``--integer-zeros``): the per-group zero shift is
-            rounded (straight-through) and clamped to the base's GPTQ zero range in the forward,
-            so the saved adapter folds into integral, in-range zeros and ``merge --to gptq
-            --require-exact`` succeeds (see ``qalora_layer.py`` and ``fold.py``).
-        checkpoint_every: write a resumable checkpoint every this many steps (0: none); see
-            :mod:`qalora_export.training.checkpoint`.
-        keep_checkpoints: keep the newest this many checkpoints.
-        grad_accum: split each process's share of the batch into this many micro-batches, one
-            forward/backward each, gradients accumulated (``--grad-accum``): the same step as one
-            big batch, up to float summation order, with a micro-batch's activation memory.
-        gradient_checkpointing: recompute each decoder layer's activations in the backward
-            instead of keeping them (``--gradient-checkpointing``; same losses and gradients,
-            less memory, about one more forward of time).
-    """
-
-    rank: int = 16
-    alpha: float = 32.0
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 8
-    max_length: int = 256
-    seed: int = 0
-    held_out: float | int = 0.1
-    pooling: str = "peft"
-    target_modules: tuple[str, ...] = TARGET_MODULES
-    on_overlong: str = "drop"
-    warmup_steps: int = 5
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    log_every: int = 1
-    integer_zeros: bool = False
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    grad_accum: int = 1
-    gradient_checkpointing: bool = False
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the flag for any value out of range."""
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-
-        if not isinstance(self.integer_zeros, bool):
-            raise ConfigError(f"--integer-zeros must be a boolean, got {self.integer_zeros!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ConfigError(f"--gradient-checkpointing must be a boolean, got {self.gradient_checkpointing!r}")
-        for name in ("checkpoint_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {value!r}")
-        for name in ("rank", "steps", "batch_size", "max_length", "log_every", "grad_accum"):
-            positive_int(name)
-        for name, lo in (("alpha", None), ("lr", None), ("weight_decay", 0.0), ("grad_clip", 0.0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or (value < lo if lo is not None else value <= 0):
-                rule = f">= {lo}" if lo is not None else "> 0"
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number {rule}, got {value!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"--seed must be an integer >= 0, got {self.seed!r}")
-        held = self.held_out
-        if isinstance(held, bool) or not isinstance(held, (int, float)) \
-                or (isinstance(held, float) and not 0.0 <= held < 1.0) or (isinstance(held, int) and held < 0):
-            raise ConfigError(f"--held-out must be a fraction in [0, 1) or a count >= 0, got {held!r}")
-        if self.pooling not in POOLINGS:
-            raise ConfigError(f"--pooling {self.pooling!r} is not a convention; choose one of {POOLINGS}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"--schedule {self.schedule!r} is not one of {SCHEDULES}")
-        if self.on_overlong not in ("drop", "truncate"):
-            raise ConfigError(f"--on-overlong {self.on_overlong!r} must be 'drop' or 'truncate'")
-        unknown = sorted(set(self.target_modules) - set(TARGET_MODULES))
-        if not self.target_modules or unknown:
-            raise ConfigError(
-                f"--target-modules {list(self.target_modules)!r}: "
-                + (f"{unknown} are not QA-LoRA targets" if unknown else "empty")
-                + f"; choose among {list(TARGET_MODULES)}"
-            )
-
-
-@dataclass
-class TrainResult:
-    """What a run did; ``losses`` holds every step's mean response-token loss (global batch).
-
-    Held-out losses are None when no held-out set was asked for (``held_out = 0``). ``tokens``
-    counts the non-padding tokens of every step so far (all processes); ``seconds``,
-    ``seconds_per_step`` and ``tokens_per_second`` measure the steps this process ran (a resumed
-    run: only its own); ``world_size`` is the number of data-parallel processes; ``metrics_path``
-    the metrics JSONL written, if any. Every rank returns the same values.
-    """
-
-    adapter_dir: str
-    steps: int
-    train_loss_first: float
-    train_loss_last: float
-    held_out_loss_before: Optional[float]
-    held_out_loss_after: Optional[float]
-    tokens: int
-    seconds: float
-    dataset_stats: dict
-    losses: list[float] = field(default_factory=list)
-    train_examples: int = 0
-    held_out_examples: int = 0
-    seconds_per_step: float = 0.0
-    tokens_per_second: float = 0.0
-    world_size: int = 1
-    metrics_path: Optional[str] = None
-
-
-# --------------------------------------------------------------------------------------- optimisation
-
-
-def init_adapters(model: nn.Module, seed: int) -> None:
-    """Seeded initialisation, independent of module construction order: ``A`` Kaiming-uniform
-    (as PEFT and ``nn.Linear`` do), ``B`` zeros, so that the adapted model starts as the base."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, module in sorted(qalora_modules(model).items()):
-            a = torch.empty(module.lora_A.shape, dtype=module.lora_A.dtype)
-            nn.init.kaiming_uniform_(a, a=5 ** 0.5, generator=gen)
-            module.lora_A.copy_(a)
-            module.lora_B.zero_()
-
-
-def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The trainable factors in a fixed (name) order; checks nothing else requires grad."""
-    params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    stray = [n for n, _ in params if not n.endswith((".lora_A", ".lora_B"))]
-    if stray:  # build_model's contract; a violation would train (and lose) base weights
-        raise TrainingError(f"parameters other than adapter factors require grad: {stray[:3]}")
-    return params
-
-
-def make_optimizer(params: Sequence[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=config.weight_decay)
-
-
-def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Multiplier of the peak rate at (0-based) step ``t``: linear warmup over ``warmup_steps``,
-    then cosine / linear decay towards 0 at ``steps`` (never exactly 0 on a step that runs)."""
-    warmup, total, schedule = config.warmup_steps, config.steps, config.schedule
-
-    def factor(t: int) -> float:
-        if t < warmup:
-            return (t + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (t - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-               scheduler, params: Sequence[nn.Parameter], config: TrainConfig,
-               device: torch.device) -> tuple[float, int, float]:
-    """One single-process optimizer step on one collated batch (``collate``'s int64 ``[B, T]``
-    tensors): (mean response-token loss, response tokens, grad norm before clipping).
-
-    :func:`train_adapter` runs ``train_distributed.data_parallel_step`` instead, which is this
-    step split over ranks and micro-batches (and the same operations with one of each)."""
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    n_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    value = float(accumulate_micro_batch(model, batch, n_tokens, torch.device(device)))
-    if not math.isfinite(value):
-        raise TrainingError(f"the training loss became {value}; lower --lr (now {config.lr:g}) or check the data")
-    grad_norm = finish_step(optimizer, scheduler, params, config.grad_clip)
-    return value, n_tokens, grad_norm
-
-
-def adapter_from_model(model: nn.Module, ckpt: GPTQCheckpoint, config: TrainConfig, extra: dict) -> QALoRAAdapter:
-    """The trained factors as an adapter record pooling over the base's quantization groups."""
-    layers = {name: AdapterLayer(lora_A=m.lora_A.detach().float().cpu().clone(),
-                                 lora_B=m.lora_B.detach().float().cpu().clone())
-              for name, m in sorted(qalora_modules(model).items())}
-    return QALoRAAdapter(
-        layers=layers, rank=config.rank, alpha=float(config.alpha), pooling=config.pooling,
-        pool_group_size=ckpt.config.group_size, pool_groups="quantization",
-        base_fingerprint=ckpt.fingerprint(), target_modules=sorted(config.target_modules), extra=extra,
-    )
-
+from qalora_export.training.config import EXECUTION_FIELDS, TRAINING_LOG, TrainConfig, TrainResult
+from qalora_export.training.optim import adapter_from_model, adapter_parameters, init_adapters, lr_lambda, make_optimizer
 
 # --------------------------------------------------------------------------------------- the run
 

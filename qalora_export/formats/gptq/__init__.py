@@ -44,7 +44,7 @@ class GPTQ:
         return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
-        from qalora_export.checkpoint.gptq import CHECKPOINT_FORMATS
+        from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS
 
         parser.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS,
                             help="gptq: v1 (stores zero-1); gptq_v2: true zeros. Default: the base's")

@@ -10,7 +10,8 @@ from typing import Iterator
 
 import torch
 
-from qalora_export.checkpoint.gptq import (CHECKPOINT_FORMATS, GPTQCheckpoint)
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS
+from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.core.record import QuantizedLinear
 from qalora_export.core.weight_rows import WeightRows

@@ -15,9 +15,9 @@ import torch
 
 from qalora_export.errors import FoldError, FormatLimitError
 from qalora_export.core.packing import WORD_BITS
-from qalora_export.checkpoint.gptq import (CHECKPOINT_FORMATS, CONFIG_FILE, DEFAULT_MAX_SHARD_BYTES, INDEX_FILE,
-                                       QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQConfig, encode_layer, encode_zero_points, write_checkpoint,
-                                       write_configs)
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, CONFIG_FILE, INDEX_FILE, QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQConfig
+from qalora_export.checkpoint.gptq_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint, write_configs
+from qalora_export.checkpoint.gptq_codec import encode_layer, encode_zero_points
 from qalora_export.storage.atomic import atomic_output_dir
 from qalora_export.checkpoint.merged_view import MergedModel, single_threaded_torch
 from qalora_export.core.record import contiguous_g_idx
