@@ -18,7 +18,7 @@ then measures perplexity on held-out text: docstrings of *other* standard-librar
 (``HELD_OUT_MODULES``), minus any docstring that also occurs in the calibration text, cut into
 non-overlapping windows. Every quantized checkpoint is evaluated the same way: decoded by the
 project's reader (exact: fp16 scales widened, float32 compute; the reader's decode of GPTQModel
-checkpoints equals GPTQModel's own, ``tests/test_gptq_golden.py``) with the float embeddings,
+checkpoints equals GPTQModel's own, ``tests/e2e/test_gptq_golden.py``) with the float embeddings,
 norms and head stored as fp16 by both tools.
 
 ``--runtime-check`` also evaluates the matched GPTQModel checkpoint in transformers + GPTQModel.

@@ -267,7 +267,7 @@ def main() -> int:
 
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device here, so nothing can be measured (the kernels are GPU kernels; "
-              "their numbers are tested on CPU by tests/kernels/ through Triton's interpreter). "
+              "their numbers are tested on CPU by tests/unit/modeling/kernels/ through Triton's interpreter). "
               "Run this script on a machine with a CUDA GPU, torch and triton.", file=sys.stderr)
         return 1
     from qalora_export.modeling.kernels import triton_available

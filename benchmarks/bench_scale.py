@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "converters")]  # the tests' tiny BPE tokenizer builder
+sys.path[:0] = [str(REPO / "tests")]  # the tests' tiny BPE tokenizer builder (gguf_helpers)
 
 from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
 from qalora_export.checkpoint.adapter_files import save_adapter  # noqa: E402

@@ -1,5 +1,5 @@
 """Fuzz targets for every reader qalora-export owns, shared by atheris (``fuzz/run.py``) and the
-hypothesis tests (``tests/test_fuzz_*.py``).
+hypothesis tests (``tests/fuzz/test_fuzz_*.py``).
 
 Each target takes one input (bytes) and the template directory written by ``fuzz/seeds.py``,
 rebuilds an artifact around the input in a fresh directory, and runs the project's reader on it.

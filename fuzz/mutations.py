@@ -1,4 +1,4 @@
-"""Hypothesis strategies that damage files the way the real world does, for ``tests/test_fuzz_*.py``.
+"""Hypothesis strategies that damage files the way the real world does, for ``tests/fuzz/test_fuzz_*.py``.
 
 Random bytes rarely get past a JSON or safetensors header, so besides byte-level damage
 (:func:`byte_edits`) there are structure-aware mutations: :func:`json_edits` replaces, deletes or

@@ -20,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "converters"), str(HERE)]
+sys.path[:0] = [str(ROOT / "tests"), str(HERE)]
 
 MICRO = dict(bits=4, group_size=32, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
              tie_embeddings=True)

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Triton's CPU interpreter for the kernel tests (tests/kernels/) on machines without CUDA. It must be
+# Triton's CPU interpreter for the kernel tests (tests/unit/modeling/kernels/) on machines without CUDA. It must be
 # set before anything imports triton (triton.jit reads it at decoration time, and GPTQModel imports
 # triton), hence here. torch.cuda.is_available() does not initialise CUDA.
 if importlib.util.find_spec("triton") is not None:

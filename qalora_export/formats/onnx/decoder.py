@@ -75,7 +75,7 @@ def rotary_caches(model_config: dict, length: int) -> tuple[np.ndarray, np.ndarr
     """cos and sin caches float32 ``[length, head_dim / 2]``, computed as transformers does.
 
     The frequencies and ``attention_scaling`` are those of transformers' ``LlamaRotaryEmbedding``
-    (any ``rope_type``: default, llama3, linear, ...; tests/converters/test_onnx_rotary.py checks
+    (any ``rope_type``: default, llama3, linear, ...; tests/unit/formats/onnx/test_onnx_rotary.py checks
     equality bit for bit); positions and products in float32.
     """
     import torch

@@ -12,7 +12,7 @@ The kernels (DESIGN.md §7):
 Importing this package is cheap: it never imports triton (the kernel modules do, and only the
 layer's CUDA path imports them, lazily). The PyTorch path in :mod:`qalora_export.modeling.qalora_linear`
 stays the reference and the one CI runs; the kernels are tested against it on CPU through
-Triton's interpreter (``TRITON_INTERPRET=1``, see ``tests/kernels/``).
+Triton's interpreter (``TRITON_INTERPRET=1``, see ``tests/unit/modeling/kernels/``).
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "converters"))
 import gguf_helpers  # noqa: E402
 import tiny_models  # noqa: E402
 from qalora_export.core import weight_rows  # noqa: E402

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: tiny_models and gguf_helpers for the child
 KILLS_PER_COMMAND = 5
 DISK_BYTES = 8192
 FILE_LIMIT_BYTES = 2048  # below every output's largest file (the micro adapter's weights are ~3.8 KB)
@@ -177,7 +177,6 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    sys.path.insert(0, str(HERE / "converters"))
     import gguf_helpers
     import tiny_models
 

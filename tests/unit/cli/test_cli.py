@@ -11,8 +11,6 @@ import pytest
 import tiny_models
 from qalora_export.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_VERIFY_FAILED, main
 from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-
-sys.path.insert(0, str(Path(__file__).parent / "converters"))
 import gguf_helpers  # noqa: E402
 
 

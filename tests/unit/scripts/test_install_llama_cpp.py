@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install_llama_cpp.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "install_llama_cpp.py"
 
 
 def _script():

@@ -42,7 +42,7 @@ from qalora_export.training.distributed import (enable_gradient_checkpointing, l
                                              shard_bounds)
 from test_train import GROUP_SIZE, copy_task, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 RTOL, ATOL = 1e-4, 1e-6  # see the module docstring
 # What the CLI run below uses (the CLI's defaults for everything else: warmup 5, cosine, clip 1.0).
 CLI_SETTINGS = dict(rank=4, alpha=8.0, batch_size=7, max_length=32, lr=1e-2, steps=6, held_out=8)

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "converters"))
 import gguf_helpers  # noqa: E402
 import tiny_models  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 import harness  # noqa: E402
 from fuzz_common import tpl, ws  # noqa: E402,F401  (module fixtures)
 import mutations  # noqa: E402

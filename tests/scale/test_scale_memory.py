@@ -77,7 +77,6 @@ def make_random_base(out: Path, layers: int, tokenizer) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    sys.path.insert(0, str(Path(__file__).parent / "converters"))
     from gguf_helpers import make_tiny_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("scale_memory")

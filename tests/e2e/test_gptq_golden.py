@@ -39,7 +39,7 @@ from qalora_export.core.packing import pack_codes, unpack_codes
 pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 REPO = TESTS_DIR.parent
 
 FP16_REL = 2.0 ** -11  # half an fp16 ulp, relative
