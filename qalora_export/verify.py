@@ -1,4 +1,4 @@
-"""The verification gate (DESIGN.md §4): an artifact against the unmerged model, two levels.
+"""The verification gate (docs/design.md §4): an artifact against the unmerged model, two levels.
 
 1. Weights: every quantized tensor decoded by the format's own reader (``read_weight_rows``) is
    compared with (a) what the merge declared it holds (the exact fold, or its announced rounding)

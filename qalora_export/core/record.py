@@ -1,6 +1,6 @@
 """The neutral quantized-layer record and min-max RTN quantization.
 
-One convention, used everywhere in the project (DESIGN.md §2): a linear layer ``y = x @ W.T``
+One convention, used everywhere in the project (docs/design.md §2): a linear layer ``y = x @ W.T``
 with ``W`` of shape ``[out, in]`` is stored as integer codes ``q[o, i]`` in ``[0, 2**bits - 1]``,
 a float ``scale[g, o]`` and a float ``zero[g, o]`` in code units, with ``g = g_idx[i]``:
 

@@ -1,6 +1,6 @@
 """The QA-LoRA linear layer: a frozen packed quantized base plus a pooled low-rank adapter.
 
-Forward, for ``x`` ``[..., in]`` (DESIGN.md §2):
+Forward, for ``x`` ``[..., in]`` (docs/design.md §2):
 
     y = x @ W_hat.T + bias + s * k * (pool_sum(x) @ A.T) @ B.T
 

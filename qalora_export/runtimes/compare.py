@@ -1,4 +1,4 @@
-"""Comparing a runtime's logits with a reference model's (verify's runtime level, DESIGN.md §4).
+"""Comparing a runtime's logits with a reference model's (verify's runtime level, docs/design.md §4).
 
 Logits are ``[T, vocab]`` per prompt. KL is ``KL(reference || test)`` per position, in nats,
 averaged over positions; top-1 agreement is the share of positions whose argmax agrees.
@@ -62,5 +62,5 @@ def greedy_match(reference: list[list[int]], test: list[list[int]]) -> float:
 
 
 def within_floor(value: float, floor: float, factor: float, epsilon: float) -> bool:
-    """The gate rule of DESIGN.md §4: ``value <= factor * floor + epsilon``."""
+    """The gate rule of docs/design.md §4: ``value <= factor * floor + epsilon``."""
     return value <= factor * floor + epsilon

@@ -13,7 +13,7 @@ File layout (safetensors 0.x, as ``save_file`` writes it):
 - the tensors' bytes back to back, in the header's order: by dtype (:data:`DTYPE_ORDER`, widest
   first, so every tensor is aligned to its element size), then by name.
 
-Sharding (:func:`plan_shards`) follows the rule of :class:`gptq_format.CheckpointWriter`: tensors in
+Sharding (:func:`plan_shards`) follows the rule of :class:`~qalora_export.checkpoint.gptq_writer.CheckpointWriter`: tensors in
 the order given, a new shard when the next tensor would push a non-empty shard over the limit.
 """
 

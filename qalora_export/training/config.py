@@ -49,7 +49,7 @@ class TrainConfig:
         integer_zeros: integer-zero training (``--integer-zeros``): the per-group zero shift is
             rounded (straight-through) and clamped to the base's GPTQ zero range in the forward,
             so the saved adapter folds into integral, in-range zeros and ``merge --to gptq
-            --require-exact`` succeeds (see ``qalora_layer.py`` and ``fold.py``).
+            --require-exact`` succeeds (see ``modeling/qalora_linear.py`` and ``core/fold.py``).
         checkpoint_every: write a resumable checkpoint every this many steps (0: none); see
             :mod:`qalora_export.training.checkpoint`.
         keep_checkpoints: keep the newest this many checkpoints.

@@ -19,7 +19,7 @@ What one call of :func:`train_adapter` does:
    (``train_distributed.py``: ``batch_size`` is the global batch, gradients all-reduced, rank 0
    writes), gradient accumulation (``grad_accum`` micro-batches per rank), gradient
    checkpointing, checkpoints every N steps with ``resume`` (``train_checkpoint.py``), a metrics
-   JSONL streamed while training and TensorBoard scalars (``train_metrics.py``).
+   JSONL streamed while training and TensorBoard scalars (``metrics_log.py``).
 
 The pieces (:class:`BatchStream`, :func:`lr_lambda`, :func:`make_optimizer`, :func:`train_step`,
 :func:`adapter_from_model`, ``train_distributed.data_parallel_step``) are separate so that
@@ -87,11 +87,11 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
         checkpoint_dir: where ``config.checkpoint_every`` checkpoints go; default
             ``<out_dir>.checkpoints``.
         on_step: called after every step on rank 0 with that step's metrics row (the keys of the
-            metrics JSONL, ``train_metrics.py``: step, loss, lr, tokens, response_tokens,
+            metrics JSONL, ``metrics_log.py``: step, loss, lr, tokens, response_tokens,
             tokens_per_s, grad_norm, seconds) — what a progress bar shows.
         metrics_path: stream one JSON row per logged step to this file while training (flushed,
             survives a SIGKILL; ``train --metrics-file``, whose default is
-            ``train_metrics.default_metrics_path(out_dir)``); None writes none.
+            ``metrics_log.default_metrics_path(out_dir)``); None writes none.
         tensorboard_dir: also write TensorBoard scalars there (needs ``pip install tensorboard``).
         loss_curve: draw ``loss_curve.png`` into the adapter directory (matplotlib).
 

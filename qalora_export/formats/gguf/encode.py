@@ -36,7 +36,7 @@ class Q4_1Stats:
 
 
 def q4_1_constraint(name: str, bits: int, group_size: int, in_features: int, act_order: bool) -> Optional[str]:
-    """Why Q4_1 cannot hold this layer exactly (DESIGN.md §3), or None when it can."""
+    """Why Q4_1 cannot hold this layer exactly (docs/design.md §3), or None when it can."""
     if bits not in spec.Q4_1_BITS:
         return (f"{name}: {bits}-bit codes do not fit GGUF Q4_1 (2/3/4-bit only). llama.cpp's Q8_0 is "
                 f"symmetric (no zero-point), so an asymmetric {bits}-bit layer could only be requantized, "

@@ -20,7 +20,7 @@ from qalora_export.formats.gguf import spec as spec
 
 @dataclass
 class HyperParams:
-    """The ``config.json`` fields llama.cpp needs, checked (DESIGN: refuse what llama.cpp cannot run)."""
+    """The ``config.json`` fields llama.cpp needs, checked: what llama.cpp cannot run is refused."""
 
     arch: spec.ArchSpec
     n_layer: int

@@ -30,7 +30,7 @@ def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
 
     Yields:
         (transformers module name, float64 ``[out, in]`` weight), q/k rows un-permuted back to the
-        transformers order. Q4_1 is decoded by :func:`gguf_spec.dequantize_q4_1`; F32/F16 are widened.
+        transformers order. Q4_1 is decoded by :func:`spec.dequantize_q4_1`; F32/F16 are widened.
     """
     for name, rows in read_weight_rows(path):
         yield name, rows.whole()

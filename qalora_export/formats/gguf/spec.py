@@ -14,7 +14,7 @@ Q4_1 block (ggml ``block_q4_1``, 32 weights, 20 bytes, little-endian)::
 
 A row of ``in`` weights is ``in / 32`` consecutive blocks; a tensor ``[out, in]`` is stored as
 uint8 ``[out, in / 32 * 20]``. With ``d = scale[g, o]`` and ``m = -scale[g, o] * zero'[g, o]``
-(DESIGN.md §3) a block holds ``scale * (q - zero')`` exactly up to fp16 rounding of ``m`` as long
+(docs/design.md §3) a block holds ``scale * (q - zero')`` exactly up to fp16 rounding of ``m`` as long
 as the 32 columns of a block lie in one quantization group: ``group_size % 32 == 0`` and groups
 are runs of consecutive columns (no act-order). 2-, 3- and 4-bit codes all fit the 4-bit field.
 
@@ -182,7 +182,7 @@ M_ROUNDING_REL = 2.0 ** -11  # half an fp16 ulp, relative
 WEIGHT_TOLERANCE = 2.0 ** -10  # relative to max |W_ref| of the layer
 WEIGHT_ATOL = 2.0 ** -24  # fp16 subnormal half-ulp (2**-25) plus float32 evaluation slack
 
-# Runtime level (DESIGN.md §4). llama.cpp quantizes activations to 8 bits for Q4_1 dot products, so
+# Runtime level (docs/design.md §4). llama.cpp quantizes activations to 8 bits for Q4_1 dot products, so
 # a Q4_1 artifact is judged against the same llama.cpp run on the base exported the same way with
 # no adapter (the fold is then the identity), compared with the PyTorch base: the noise floor.
 #     passed  <=>  mean KL(artifact vs unmerged PyTorch) <= KL_FLOOR_FACTOR * mean KL(floor) + KL_EPSILON

@@ -96,7 +96,7 @@ def _compare(ref_logits, ref_greedy, test_logits, test_greedy) -> dict:
 
 def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]], workdir: Path, *,
                    n_new: int = 8, n_threads: int = 2) -> dict:
-    """Run the artifact in llama.cpp and judge it against llama.cpp's own noise floor (DESIGN.md §4).
+    """Run the artifact in llama.cpp and judge it against llama.cpp's own noise floor (docs/design.md §4).
 
     Three llama.cpp runs, each compared with the PyTorch model it should equal:
 
@@ -106,9 +106,9 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
     - ``f32_reference``: an F32 GGUF of the unmerged effective weights vs the unmerged model: what is
       left without weight and activation quantization (graph and float32 differences only).
 
-    ``passed`` is ``artifact.mean_kl <= KL_FLOOR_FACTOR * floor.mean_kl + KL_EPSILON`` (gguf_spec.py).
+    ``passed`` is ``artifact.mean_kl <= KL_FLOOR_FACTOR * floor.mean_kl + KL_EPSILON`` (spec.py).
     Greedy continuations (``n_new`` tokens) are reported, not gated: near-ties flip under activation
-    quantization (DESIGN.md §8).
+    quantization (docs/design.md §8).
     """
     from qalora_export.runtimes.compare import within_floor
 

@@ -76,11 +76,11 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
             ``f16`` (default; lossless for fp16 checkpoints), ``f32`` or ``q8_0`` (requantized).
         overwrite: replace an existing ``out``; otherwise an existing file is refused.
         weights_dtype: ``q4_1`` (the folded codes, exact up to fp16 rounding of m) or ``f32``/``f16``
-            (the unmerged effective weights ``W_hat + dW``, the noise-floor reference of DESIGN.md §4).
+            (the unmerged effective weights ``W_hat + dW``, the noise-floor reference of docs/design.md §4).
         progress: called with each tensor name as it is written (for the CLI's progress bar).
         split_max_bytes: split the model into files of at most this many tensor bytes (a bigger
             tensor gets a file of its own), as llama.cpp's ``gguf-split`` does: ``out``'s directory
-            gets ``<stem>-00001-of-0000N.gguf`` .. (``gguf_spec.split_file_names``), the first
+            gets ``<stem>-00001-of-0000N.gguf`` .. (``container.split_paths``), the first
             holding the metadata, each the ``split.*`` keys; llama.cpp loads them from the first.
             A model that fits is written as the one file ``out``.
 

@@ -15,13 +15,13 @@ META_KEY = "qalora_export"
 # rounded/clamped fold) to float64 round-off; fp16 scales are copied, codes are integers.
 WEIGHT_TOLERANCE = 1e-9  # relative to the layer's max |W|
 
-# dtypes of a layer's tensors in this format's output (gptq_format's table); qzeros is re-encoded.
+# dtypes of a layer's tensors in this format's output (checkpoint/gptq_codec.py's table); qzeros is re-encoded.
 OUTPUT_DTYPES = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32,
                  "bias": torch.float16}
 
 # --------------------------------------------------------------------------------------- runtime
 
-# Runtime level (DESIGN.md §4): GPTQModel's torch kernel dequantizes in fp16, so even the plain
+# Runtime level (docs/design.md §4): GPTQModel's torch kernel dequantizes in fp16, so even the plain
 # base differs from our float64-exact PyTorch model by a floor measured in the same run (base in
 # GPTQModel vs base in PyTorch). The artifact must stay within FLOOR_FACTOR x that floor (+ eps
 # for floors that are exactly 0, as with 2-bit codes whose fp16 products are exact).

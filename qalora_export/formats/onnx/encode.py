@@ -41,7 +41,7 @@ def column_permutation(layer: QuantizedLinear) -> Optional[np.ndarray]:
 
 
 def relayable(layer: QuantizedLinear) -> bool:
-    """Whether ``B`` of ``layer`` is its GPTQ ``qweight`` re-laid (``onnx_spec.b_from_qweight``):
+    """Whether ``B`` of ``layer`` is its GPTQ ``qweight`` re-laid (``spec.b_from_qweight``):
     codes whose width is their container's and that divide a byte, in contiguous groups."""
     return (layer.bits in spec.RELAYABLE_BITS and spec.container_bits(layer.bits) == layer.bits
             and not layer.is_act_order)
@@ -158,7 +158,7 @@ def max_abs_weight(b: np.ndarray, bits: int, scales64: np.ndarray, zeros64: np.n
     """``max |scale * (q - zero)|`` over the layer, reading the codes of only a few blocks of ``B``.
 
     Args:
-        b: uint8 ``[N, k_blocks, blob]`` (or a :class:`~onnx_spec.BFromQweight`);
+        b: uint8 ``[N, k_blocks, blob]`` (or a :class:`~qalora_export.formats.onnx.spec.BFromQweight`);
             scales64, zeros64: float64 ``[N, k_blocks]``.
 
     Equals the maximum over blocks of ``max(|scale * (min_q - zero)|, |scale * (max_q - zero)|)``

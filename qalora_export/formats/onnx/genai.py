@@ -33,7 +33,7 @@ def _token_ids(model_config: dict, generation_config: Optional[dict]) -> tuple:
 
 
 def genai_config(cfg: DecoderConfig, model_config: dict, generation_config: Optional[dict] = None) -> dict:
-    """The ``genai_config.json`` object for a decoder built by ``onnx_graph.build_decoder``."""
+    """The ``genai_config.json`` object for a decoder built by ``graph.build_decoder``."""
     bos, eos, pad = _token_ids(model_config, generation_config)
     return {
         "model": {

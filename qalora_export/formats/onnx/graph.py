@@ -53,10 +53,10 @@ NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Ten
 
 @dataclass
 class NBitsLinear:
-    """One projection as MatMulNBits inputs (layouts: ``onnx_spec``).
+    """One projection as MatMulNBits inputs (layouts: ``spec``).
 
     Attributes:
-        b: uint8 ``[N, k_blocks, block_size * bits / 8]``, or a :class:`onnx_spec.BFromQweight`
+        b: uint8 ``[N, k_blocks, block_size * bits / 8]``, or a :class:`~qalora_export.formats.onnx.spec.BFromQweight`
             that lays it out from the GPTQ words a row block at a time as it is written.
         scales: ``[N, k_blocks]`` in the io dtype.
         zero_points: packed uint8 ``[N, ceil(k_blocks * bits / 8)]`` or io dtype ``[N, k_blocks]``.

@@ -117,7 +117,7 @@ def declared_weight(model, name: str, meta: dict) -> torch.Tensor:
 def read_weights(out_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Decode every MatMulNBits node of ``out_dir/model.onnx`` into (module name, float64 ``[out, in]``).
 
-    Reads ``B``, scales and zero-points with this module's codec (``onnx_spec``), undoes an
+    Reads ``B``, scales and zero-points with the codec of ``spec``, undoes an
     act-order input ``Gather`` permutation, and yields the effective weight the node computes with.
     """
     for name, rows in read_weight_rows(out_dir):

@@ -2,7 +2,7 @@
 
 MatMulNBits computes ``Y = A @ W.T (+ bias)`` for ``A`` ``[..., K]`` and a block-quantized
 ``W`` ``[N, K]`` (ONNX Runtime contrib op, domain ``com.microsoft``, version 1). Blocks run along
-``K``: ``k_blocks = ceil(K / block_size)``. Dequantization (the project's convention, DESIGN.md §2,
+``K``: ``k_blocks = ceil(K / block_size)``. Dequantization (the project's convention, docs/design.md §2,
 with ``g = k // block_size``):
 
     W[n, k] = scales[n, g] * (q[n, k] - zero_points[n, g])
@@ -25,7 +25,7 @@ Attributes: ``K``, ``N``, ``bits``, ``block_size``, ``accuracy_level`` (0 = unse
 T1; 4 = quantize ``A`` to int8 per block, faster, ~5e-3 relative noise). Without zero_points the
 implicit zero is ``2**(bits - 1)``.
 
-What onnxruntime 1.32's CPU kernel runs (measured, DESIGN.md §8; 2-bit refuses ``block_size`` >
+What onnxruntime 1.32's CPU kernel runs (measured, docs/design.md §8; 2-bit refuses ``block_size`` >
 256 at session creation): bits 2, 4, 8; ``block_size`` a power of two >= 16; float zero-points only
 for 2 and 4 bits. The QA-LoRA fold makes zero-points fractional, so float zero-points (the default)
 hold it exactly; packed uint8 zero-points hold it only when the folded zeros are integral.

@@ -50,7 +50,7 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     KL(torch || onnx), top-1 agreement, KV-cache decoding vs full recomputation, and greedy
     continuations (onnxruntime loop with KV cache, and onnxruntime-genai) vs the PyTorch greedy
     continuation. An artifact exported at another accuracy level runs through a level-0 view
-    in ``workdir`` (same weights). ``passed`` applies the tolerances of ``onnx_spec``: a top-1 or
+    in ``workdir`` (same weights). ``passed`` applies the tolerances of ``spec``: a top-1 or
     greedy disagreement passes only at a near-tie (reference top-2 margin within
     ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|).
     """
@@ -106,7 +106,7 @@ def _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all,
 
 
 def _judge(prompts, ref_all, ort_all, kv_all, greedy) -> dict:
-    """Apply ``onnx_spec``'s tolerances to what :func:`_run_prompts` collected."""
+    """Apply ``spec``'s tolerances to what :func:`_run_prompts` collected."""
     from qalora_export.runtimes.compare import compare_logits
     from qalora_export.formats.onnx import runtime as onnxrt
 

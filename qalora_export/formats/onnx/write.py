@@ -211,7 +211,7 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
 
     metadata = {"qalora_export.format_version": METADATA_VERSION, "qalora_export.bits": model.bits,
                 "qalora_export.group_size": model.group_size, "qalora_export.zero_points": zero_points,
-                "qalora_export.dtype": dtype, "qalora_export.core.adapter": model.adapter is not None}
+                "qalora_export.dtype": dtype, "qalora_export.adapter": model.adapter is not None}
     def merge_record() -> dict:
         rounded = [s["name"] for s in stats if s["rounded"]]
         record = {

@@ -1,6 +1,6 @@
 """Fused low-bit GPU kernels for the QA-LoRA layer (Triton), and when to use them.
 
-The kernels (DESIGN.md §7):
+The kernels (docs/design.md §7):
 
 - :mod:`.triton_dequant` — one pass over the packed GPTQ codes that writes the *effective* weight
   ``W_eff[o, i] = scale[g(i), o] * (q[o, i] - zero[g(i), o]) + M[o, g(i)]`` with the adapter's delta

@@ -1,4 +1,4 @@
-"""The QA-LoRA linear layer as one autograd Function over the fused dequant kernel (DESIGN.md §7).
+"""The QA-LoRA linear layer as one autograd Function over the fused dequant kernel (docs/design.md §7).
 
 Forward, for ``x`` ``[T, in]``, with ``M = c * (B @ A)`` ``[out, G]`` and ``c = s * k``:
 
@@ -13,7 +13,7 @@ which equals the reference ``x @ W_hat.T + bias + c * (pool_sum(x) @ A.T) @ B.T`
     dB    = c * dL/dM @ A.T,   dA = c * B.T @ dL/dM   tiny
 
 Only ``pool_sum(x)`` (``[T, G]``, ``group_size`` times smaller than ``x``) is saved for backward;
-the weight is re-dequantized (0.3 ms for a 7B layer's 7 projections on an H100, DESIGN.md §7)
+the weight is re-dequantized (0.3 ms for a 7B layer's 7 projections on an H100, docs/design.md §7)
 rather than kept, unless ``keep_weight=True``.
 
 Dtypes: the weight and both GEMMs run in ``compute_dtype``; ``M`` and the adapter gradients are

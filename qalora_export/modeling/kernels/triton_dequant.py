@@ -1,4 +1,4 @@
-"""Triton dequantization of packed GPTQ codes with the QA-LoRA delta folded in (DESIGN.md §2, §7).
+"""Triton dequantization of packed GPTQ codes with the QA-LoRA delta folded in (docs/design.md §2, §7).
 
 One pass over the packed base writes the effective weight
 
