@@ -1,6 +1,6 @@
 """Benchmark: the fused QA-LoRA kernels against the bf16 GEMM floor, bf16 LoRA and NF4 QLoRA (CUDA only).
 
-The workload of issue 6 / DESIGN.md §7: one LLaMA-7B decoder layer's 7 projections (q, k, v, o:
+The workload of issue 6 / docs/design.md §7: one LLaMA-7B decoder layer's 7 projections (q, k, v, o:
 4096 -> 4096; gate, up: 4096 -> 11008; down: 11008 -> 4096), bf16.
 
 - **train**: forward + backward of each projection on ``--tokens`` tokens (default 4096) with the

@@ -1,4 +1,4 @@
-"""Importing the package is cheap (DESIGN.md §6): no CUDA initialisation, no optional runtime.
+"""Importing the package is cheap (docs/design.md §6): no CUDA initialisation, no optional runtime.
 
 Each check runs in a fresh interpreter, since this test process itself imports GPTQModel, PEFT
 and friends in other tests.

@@ -1,4 +1,4 @@
-"""Tests of qalora_export.core.fold: folding a QA-LoRA adapter into the zero-points (DESIGN.md §2).
+"""Tests of qalora_export.core.fold: folding a QA-LoRA adapter into the zero-points (docs/design.md §2).
 
 The fold is exact in float64: ``scale * (q - zero') == scale * (q - zero) + dW`` for every weight.
 Record-level tests build layers in memory (fast, every bit width / group size / act-order);

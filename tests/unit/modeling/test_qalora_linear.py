@@ -1,6 +1,6 @@
 """Tests of qalora_export.modeling.qalora_linear: the QA-LoRA linear layer over packed codes, and PEFT parity.
 
-The layer computes ``x @ W_hat.T + bias + s * k * (pool_sum(x) @ A.T) @ B.T`` (DESIGN.md §2);
+The layer computes ``x @ W_hat.T + bias + s * k * (pool_sum(x) @ A.T) @ B.T`` (docs/design.md §2);
 it must equal ``x @ effective_weight.T`` (the fold's reference) and PEFT's own QA-LoRA forward
 of the same adapter on the same GPTQ base loaded by transformers + GPTQModel.
 """

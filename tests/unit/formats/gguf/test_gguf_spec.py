@@ -81,7 +81,7 @@ def test_pack_refuses_bad_shapes():
 
 @pytest.mark.parametrize("rows,heads", [(8, 2), (64, 4), (192, 3), (576, 9)])
 def test_qk_permutation_matches_design_formula(rows, heads):
-    """DESIGN.md §8: w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)."""
+    """docs/design.md §8: w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)."""
     cols = 5
     w = np.random.default_rng(0).normal(size=(rows, cols))
     expect = w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
