@@ -51,7 +51,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from qalora_export.formats.gguf import FORMAT as gguf
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         tmp = Path(tmp)
@@ -61,7 +61,7 @@ def main() -> None:
             from qalora_export.quantization.quantize import quantize_model
             base = tmp / "smollm2-w4g32"
             quantize_model(smollm2_gguf_path(), base, bits=4, group_size=32, checkpoint_format="gptq_v2")
-        model = MergedModel.open(base, args.adapter)
+        model = MergedView.open(base, args.adapter)
         # name -> (weights_dtype, embeddings); "q4_1" is the default export (f16 embeddings)
         variants = {"q4_1": ("q4_1", "f16"), "q4_1+q8_0emb": ("q4_1", "q8_0"), "f16": ("f16", "f16"),
                     "f32": ("f32", "f32")}

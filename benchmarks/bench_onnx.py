@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from qalora_export.formats.onnx import write as onnx_write
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
 
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-")) if own_work else args.work
@@ -112,7 +112,7 @@ def main() -> None:
     try:
         base = args.base or fixture_base(work, args.fixture_bits, args.group_size)
         adapter = args.adapter or random_adapter(base, work / "random-adapter")
-        model = MergedModel.open(base, adapter)
+        model = MergedView.open(base, adapter)
         prompt = [1] + list(range(100, 115))
         variants = {
             "fp32": lambda out: onnx_write.export_float_reference(model, out, overwrite=True),

@@ -9,7 +9,7 @@ rate schedule and seed:
 | float base | the float fixture, no fine-tuning (one row for every bit width) |
 | GPTQ base | ``quantize --method gptq``, no fine-tuning |
 | LoRA, then GPTQ | PEFT LoRA trained on the float model with train.py's loop pieces (BatchStream, lr_lambda, AdamW, train_step), merged in float (``merge_and_unload``), then GPTQ-quantized like the base: the paper's "QLoRA w/ GPTQ" |
-| QA-LoRA, float zeros, merged | float-zero QA-LoRA on the GPTQ base, folded into float zero-points (``MergedModel``) and evaluated as a float model with the folded weights ``scale * (q - zero')`` — what ONNX (float zero-points) and GGUF (Q4_1 ``m``) hold |
+| QA-LoRA, float zeros, merged | float-zero QA-LoRA on the GPTQ base, folded into float zero-points (``MergedView``) and evaluated as a float model with the folded weights ``scale * (q - zero')`` — what ONNX (float zero-points) and GGUF (Q4_1 ``m``) hold |
 | QA-LoRA, rounded into GPTQ | that adapter folded into the AutoGPTQ checkpoint with its zeros rounded (``merge --to gptq`` without ``--require-exact``), read back by the project's reader |
 | QA-LoRA, integer zeros | ``train --integer-zeros``, folded exactly into GPTQ (``--require-exact``), read back by the reader |
 
@@ -179,12 +179,12 @@ class Table:
 
     def merged_gptq(self, base: Path, adapter: Path, exact: bool) -> tuple[Path, dict]:
         from qalora_export.formats import get_format
-        from qalora_export.checkpoint.merged_view import MergedModel
+        from qalora_export.checkpoint.merged_view import MergedView
 
         out = adapter.with_name(adapter.name + "-merged-gptq")
         summary_path = out.with_name(out.name + ".summary.json")
         if not summary_path.is_file():
-            summary = get_format("gptq").export(MergedModel.open(base, adapter), out, overwrite=True,
+            summary = get_format("gptq").export(MergedView.open(base, adapter), out, overwrite=True,
                                                    require_exact=exact)
             write_json(summary_path, {k: v for k, v in summary.items() if k != "per_layer"})
         return out, json.loads(summary_path.read_text())
@@ -234,10 +234,10 @@ def folded_float_model(base: Path, adapter: Path):
     zero-points holds it; other tensors as stored in the base (fp16)."""
     from transformers import AutoModelForCausalLM
 
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
     from qalora_export.modeling.model import hf_config_from
 
-    merged = MergedModel.open(base, adapter)
+    merged = MergedView.open(base, adapter)
     config = hf_config_from(merged.model_config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {name: merged.read_tensor(name).to(torch.float32) for name in merged.other_tensor_names()}

@@ -116,7 +116,7 @@ def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
     from qalora_export.core.adapter import adapter_delta
     from qalora_export.checkpoint.adapter_files import load_adapter
     from qalora_export.checkpoint.gptq import GPTQCheckpoint
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
 
     choice, payload = decode_choice(data, len(ADAPTER_FILES))
     d = ws.fresh()
@@ -124,7 +124,7 @@ def target_adapter(data: bytes, tpl: Path, ws: Workspace) -> dict:
     if payload:
         (d / ADAPTER_FILES[choice]).write_bytes(payload)
     adapter = load_adapter(d, pooling="peft" if choice == 1 and not payload else None)
-    model = MergedModel(GPTQCheckpoint(tpl / "base"), adapter)
+    model = MergedView(GPTQCheckpoint(tpl / "base"), adapter)
     folded = {}
     for name in sorted(adapter.layers):
         layer, _ = model.read_layer(name)

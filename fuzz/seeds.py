@@ -41,7 +41,7 @@ def build_templates(out: Path) -> Path:
     import tiny_models
 
     from qalora_export.formats import get_format
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
 
     tpl = out / "_templates"
     if tpl.exists():
@@ -50,7 +50,7 @@ def build_templates(out: Path) -> Path:
     base = gguf_helpers.make_bpe_base(tpl / "base", **MICRO)
     shutil.rmtree(tpl / "base-float")
     tiny_models.make_random_adapter(base, tpl / "adapter", rank=2, magnitude=0.05)
-    model = MergedModel.open(base, tpl / "adapter")
+    model = MergedView.open(base, tpl / "adapter")
     get_format("gguf").export(model, tpl / "model.gguf")
     get_format("onnx").export(model, tpl / "onnx", zero_points="split")
     get_format("gptq").export(model, tpl / "merged")

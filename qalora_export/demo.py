@@ -32,8 +32,8 @@ def _evaluate(model, tokenizer, held_out: list[dict], dataset, log: Callable[[st
 
 def _score(model, tokenizer, held_out: list[dict], dataset) -> dict:
     """Held-out loss and exact-match accuracy of ``model`` (one table row)."""
-    from qalora_export.training.evaluate import exact_match_accuracy, held_out_loss
     from qalora_export.fixtures.instruct_task import check_answer
+    from qalora_export.training.evaluate import exact_match_accuracy, held_out_loss
 
     loss = held_out_loss(model, dataset, tokenizer.pad_token_id)
     acc = exact_match_accuracy(model, tokenizer, held_out, check_answer, max_new_tokens=MAX_NEW_TOKENS)
@@ -52,8 +52,8 @@ def score_gptq_artifact(artifact: str, tokenizer_dir: str, held_out: list[dict])
     process by :func:`run_demo`: a runtime that crashes fails the demo, not the interpreter)."""
     from transformers import AutoTokenizer
 
-    from qalora_export.training.examples import build_dataset
     from qalora_export.formats.gptq.runtime import load_gptq_model
+    from qalora_export.training.examples import build_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     dataset, _ = build_dataset(tokenizer, held_out, MAX_LENGTH)
@@ -69,16 +69,16 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     noisier table)."""
     from transformers import AutoTokenizer
 
-    from qalora_export.formats import get_format
-    from qalora_export.training.examples import build_dataset
-    from qalora_export.extras import require
-    from qalora_export.fixtures.smollm2 import smollm2_float_dir, smollm2_gguf_path
-    from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
-    from qalora_export.checkpoint.merged_view import MergedModel
-    from qalora_export.modeling.model import build_model
     from qalora_export.checkpoint.adapter_files import load_adapter
+    from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.extras import require
+    from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir, smollm2_gguf_path
+    from qalora_export.formats import get_format
+    from qalora_export.modeling.model import build_model
     from qalora_export.quantization.quantize import quantize_model
     from qalora_export.training.config import TrainConfig
+    from qalora_export.training.examples import build_dataset
     from qalora_export.training.train import train_adapter
     from qalora_export.verify import verify_artifact
 
@@ -141,7 +141,7 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     timings["evaluate_unmerged"] = time.time() - t0
 
     artifacts = {}
-    model = MergedModel.open(base, adapter_dir)
+    model = MergedView.open(base, adapter_dir)
     for fmt in formats:
         t0 = time.time()
         target = get_format(fmt)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from qalora_export.errors import ConfigError
@@ -26,8 +25,8 @@ def inspect_path(path: Path) -> dict:
 
 
 def _inspect_adapter(path: Path) -> dict:
-    from qalora_export.core.adapter import AdapterError
     from qalora_export.checkpoint.adapter_files import load_adapter
+    from qalora_export.core.adapter import AdapterError
     from qalora_export.storage.atomic import read_json
 
     config = read_json(path / "adapter_config.json", AdapterError)
@@ -54,37 +53,3 @@ def _inspect_adapter(path: Path) -> dict:
         "peft_use_qalora": config.get("use_qalora"),
         "extra": adapter.extra,
     }
-
-
-def _inspect_gguf(path: Path) -> dict:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as exc:
-        raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    keys = {}
-    for name in ("general.architecture", "general.name", "llama.block_count", "llama.embedding_length",
-                 "llama.attention.head_count", "llama.attention.head_count_kv", "tokenizer.ggml.model"):
-        field = reader.fields.get(name)
-        if field is not None:
-            keys[name] = field.contents()
-    return {"kind": "gguf", "path": str(path), "bytes": path.stat().st_size, "tensors": len(reader.tensors),
-            "tensor_types": dict(types), "metadata": keys}
-
-
-def _inspect_onnx(path: Path) -> dict:
-    import onnx
-
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    ops = Counter(f"{n.domain + '.' if n.domain else ''}{n.op_type}" for n in model.graph.node)
-    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    attrs = {}
-    if nbits:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
-    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-    return {"kind": "onnx", "path": str(path), "bytes": size, "nodes": len(model.graph.node),
-            "matmulnbits": len(nbits), "matmulnbits_attributes": attrs,
-            "inputs": [i.name for i in model.graph.input], "outputs": [o.name for o in model.graph.output],
-            "op_counts": dict(ops.most_common(12))}

@@ -24,14 +24,14 @@ from typing import Callable, Optional
 
 import torch
 
+from qalora_export.checkpoint.merged_view import MergedView
+from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
+from qalora_export.core.weight_rows import row_blocks
 from qalora_export.errors import RuntimeCrashError
 from qalora_export.extras import require
 from qalora_export.formats import detect_format, get_format
 from qalora_export.formats.protocol import Format
-from qalora_export.checkpoint.merged_view import MergedModel
 from qalora_export.runtimes.isolation import call_isolated
-from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
-from qalora_export.core.weight_rows import row_blocks
 
 # A runtime check that runs longer than this is taken for a hang (the fixture's GPTQ check, the
 # slowest, takes a few minutes on 2 cores); verify --runtime-timeout changes it.
@@ -63,7 +63,7 @@ def fixed_prompts(tokenizer_dir: Path, max_tokens: int = 48) -> list[list[int]]:
     return out
 
 
-def _declared_rows(fmt: Format, model: MergedModel, name: str, meta: dict) -> Callable[[slice], torch.Tensor]:
+def _declared_rows(fmt: Format, model: MergedView, name: str, meta: dict) -> Callable[[slice], torch.Tensor]:
     """``rows -> float64`` of what the artifact declares it holds for ``name`` (the fold, rounded as
     its metadata says): the format's ``declared_layer`` record, dequantized a block at a time."""
     layer = fmt.declared_layer(model, name, meta)
@@ -75,7 +75,7 @@ def _max(a: float, b: float) -> float:
     return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
-def weight_report(model: MergedModel, fmt: Format, artifact: Path) -> dict:
+def weight_report(model: MergedView, fmt: Format, artifact: Path) -> dict:
     """Level 1: decode the artifact and compare with the declared and the unmerged weights.
 
     Each layer is compared a row block at a time (:mod:`weight_rows`): decoded, declared and
@@ -147,7 +147,7 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
     target = get_format(fmt) if fmt else detect_format(artifact)
     if runtime:
         require(target.runtime_requires, f"verify of a {target.name} artifact in {target.runtime.name}")
-    model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
+    model = MergedView.open(base_dir, adapter_dir, pooling=pooling)
     if runtime:  # the runtimes tokenize with these: ids beyond the embedding fail deep inside them
         check_tokenizer_matches(model.base)
         if artifact.is_dir():
@@ -189,7 +189,7 @@ def verify_artifact(artifact: Path, base_dir: Path, adapter_dir: Optional[Path] 
 def runtime_level(fmt: str, artifact: str, base_dir: str, adapter_dir: Optional[str], pooling: Optional[str],
                   prompts: list[list[int]], device: str) -> dict:
     """Level 2, as run in verify's child process: the format's ``verify_runtime`` on ``artifact``."""
-    model = MergedModel.open(base_dir, adapter_dir, pooling=pooling)
+    model = MergedView.open(base_dir, adapter_dir, pooling=pooling)
     with tempfile.TemporaryDirectory(prefix="qalora-verify-") as workdir:
         return get_format(fmt).verify_runtime(model, Path(artifact), prompts, Path(workdir), device)
 

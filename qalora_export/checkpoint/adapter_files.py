@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+from qalora_export.core.record import all_finite
 from qalora_export.errors import AdapterError
 from qalora_export.storage.atomic import atomic_output_dir, read_json
-from qalora_export.core.record import all_finite
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
 
 Pooling = Literal["mean", "sum", "peft"]
 PoolGroups = Literal["consecutive", "quantization"]

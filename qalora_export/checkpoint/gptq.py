@@ -17,12 +17,19 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
+from qalora_export.checkpoint.gptq_codec import decode_layer
+from qalora_export.checkpoint.gptq_config import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    QUANT_SUFFIXES,
+    QUANTIZE_CONFIG_FILE,
+    SINGLE_WEIGHTS_FILE,
+    parse_gptq_config,
+)
+from qalora_export.core.record import QuantizedLinear
 from qalora_export.errors import CheckpointError
 from qalora_export.storage.atomic import read_json
-from qalora_export.core.record import QuantizedLinear
-from qalora_export.storage.safetensors_stream import (StoredTensor)
-from qalora_export.checkpoint.gptq_config import CONFIG_FILE, INDEX_FILE, QUANTIZE_CONFIG_FILE, QUANT_SUFFIXES, SINGLE_WEIGHTS_FILE, parse_gptq_config
-from qalora_export.checkpoint.gptq_codec import decode_layer
+from qalora_export.storage.safetensors_stream import StoredTensor
 
 FINGERPRINT_CHUNK = 8 << 20  # bytes per read while hashing a tensor (GPTQCheckpoint.fingerprint)
 

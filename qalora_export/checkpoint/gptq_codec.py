@@ -23,11 +23,15 @@ from typing import Optional
 
 import torch
 
-from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError
+from qalora_export.checkpoint.gptq_config import (
+    STORED_ZERO_OFFSET,
+    THREE_BIT_WIDTH_MULTIPLE,
+    GPTQConfig,
+    zero_range,
+)
 from qalora_export.core.packing import cycle_codes, pack_codes, unpack_codes
 from qalora_export.core.record import QuantizedLinear, all_finite
-from qalora_export.checkpoint.gptq_config import GPTQConfig, STORED_ZERO_OFFSET, THREE_BIT_WIDTH_MULTIPLE, zero_range
-
+from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError
 
 # --------------------------------------------------------------------------------------- codec
 
@@ -104,7 +108,7 @@ def decode_layer(name: str, tensors: dict[str, torch.Tensor], config: GPTQConfig
             f"({words_per_cycle} words each); the tensor does not hold {bits}-bit codes (check `bits` in the config)"
         )
     in_features = in_features or int(qweight.shape[0]) * 32 // bits
-    group_size = in_features if config.group_size == -1 else config.group_size
+    group_size = config.group_size_for(in_features)
     if in_features % group_size:
         raise CheckpointError(f"{name}: group_size {group_size} does not divide in_features {in_features}")
     n_groups = in_features // group_size

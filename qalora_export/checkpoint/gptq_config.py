@@ -16,10 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from qalora_export.errors import CheckpointError
 from qalora_export.core.packing import SUPPORTED_BITS
-
+from qalora_export.errors import CheckpointError
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -50,6 +48,18 @@ class GPTQConfig:
     sym: bool
     checkpoint_format: str
 
+    #: AutoGPTQ's ``group_size`` for one group per row (per-channel quantization)
+    PER_ROW = -1
+
+    @property
+    def per_row(self) -> bool:
+        """One quantization group per output row (``group_size == -1``)."""
+        return self.group_size == self.PER_ROW
+
+    def group_size_for(self, in_features: int) -> int:
+        """The group size of a layer with ``in_features`` inputs (all of them when per-row)."""
+        return in_features if self.per_row else self.group_size
+
     def to_json(self) -> dict:
         """The ``quantization_config`` block transformers, GPTQModel and vLLM read."""
         return {
@@ -76,7 +86,8 @@ def parse_gptq_config(obj: dict, source: Path) -> GPTQConfig:
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in SUPPORTED_BITS:  # 4.0 == 4, True == 1
         raise CheckpointError(f"{source}: bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
     group_size = obj.get("group_size")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0 or group_size < -1:
+    if (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size == 0
+            or group_size < GPTQConfig.PER_ROW):
         raise CheckpointError(f"{source}: group_size={group_size!r} must be a positive integer (or -1)")
     fmt = obj.get("checkpoint_format", obj.get("format", "gptq"))
     if fmt not in CHECKPOINT_FORMATS:

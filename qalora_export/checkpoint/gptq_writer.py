@@ -10,10 +10,21 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from qalora_export.storage.safetensors_stream import (TensorSpec, write_tensor_bytes, plan_shards, shard_file_names, write_file,
-                                 write_index)
-from qalora_export.checkpoint.gptq_config import CONFIG_FILE, GPTQConfig, INDEX_FILE, QUANTIZE_CONFIG_FILE, SINGLE_WEIGHTS_FILE
-
+from qalora_export.checkpoint.gptq_config import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    QUANTIZE_CONFIG_FILE,
+    SINGLE_WEIGHTS_FILE,
+    GPTQConfig,
+)
+from qalora_export.storage.safetensors_stream import (
+    TensorSpec,
+    plan_shards,
+    shard_file_names,
+    write_file,
+    write_index,
+    write_tensor_bytes,
+)
 
 # --------------------------------------------------------------------------------------- writer
 

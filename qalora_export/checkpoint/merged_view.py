@@ -1,8 +1,9 @@
-"""A quantized base with an adapter folded in, read lazily one layer at a time.
+"""A view of a quantized base with an adapter folded in, read lazily one layer at a time (nothing is
+merged on disk or in memory until a format asks for a layer).
 
-This is what every converter consumes: it knows the base checkpoint and the fold, and nothing
+This is what every format's export consumes: it knows the base checkpoint and the fold, and nothing
 of output formats. Zero-points of the records it yields are float64 and may be fractional;
-each converter decides, in its own module, whether its format holds them exactly.
+each format decides, in its own package, whether it holds them exactly.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from qalora_export.core.adapter import QALoRAAdapter
 from qalora_export.checkpoint.adapter_files import load_adapter
-from qalora_export.errors import AdapterError
-from qalora_export.core.fold import FoldStats, effective_weight, effective_weight_rows, fold_into_zero_points
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.core.adapter import QALoRAAdapter
+from qalora_export.core.fold import (
+    FoldStats,
+    effective_weight,
+    effective_weight_rows,
+    fold_into_zero_points,
+)
 from qalora_export.core.record import QuantizedLinear
+from qalora_export.errors import AdapterError
 
 
-class MergedModel:
+class MergedView:
     """``base`` (an AutoGPTQ checkpoint) with ``adapter`` (or none) folded into its zero-points.
 
     Attributes:
@@ -89,10 +95,10 @@ class MergedModel:
 
     @classmethod
     def open(cls, base_dir: Path | str, adapter_dir: Path | str | None = None,
-             pooling: Optional[str] = None, defer_fingerprint: bool = False) -> "MergedModel":
+             pooling: Optional[str] = None, defer_fingerprint: bool = False) -> "MergedView":
         """``defer_fingerprint``: check the adapter's base fingerprint (a full read of the base)
         later, in the background, inside :meth:`fingerprint_checked`, which the caller's export
-        must then run (``qalora_export/formats/gptq/format.py`` does)."""
+        must then run (every format's ``write.export`` does)."""
         base = GPTQCheckpoint(base_dir)
         adapter = load_adapter(Path(adapter_dir), pooling=pooling) if adapter_dir is not None else None
         return cls(base, adapter, defer_fingerprint=defer_fingerprint)
@@ -156,10 +162,10 @@ class MergedModel:
 
 
 class _FingerprintCheck:
-    """:meth:`MergedModel._check_fingerprint` in a daemon thread (hashlib and file reads release the
+    """:meth:`MergedView._check_fingerprint` in a daemon thread (hashlib and file reads release the
     GIL, so it overlaps the export's copies); :meth:`result` joins it and returns the error, if any."""
 
-    def __init__(self, model: MergedModel):
+    def __init__(self, model: MergedView):
         self._model = model
         self._cancel = threading.Event()
         self._error: Optional[BaseException] = None

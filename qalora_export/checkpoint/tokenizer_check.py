@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from qalora_export.errors import CheckpointError
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.errors import CheckpointError
 
 EMBEDDING = "model.embed_tokens.weight"
 TOKENIZER_JSON = "tokenizer.json"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qalora_export.cli import verbs
 from qalora_export.checkpoint.adapter_files import POOLINGS
+from qalora_export.cli import verbs
 from qalora_export.formats import DEFAULT_FORMAT, all_formats
 from qalora_export.formats.protocol import Format
 

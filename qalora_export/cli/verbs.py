@@ -9,7 +9,15 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from qalora_export.cli.terminal import (EXIT_OK, EXIT_VERIFY_FAILED, Progress, err, note, print_summary, say)
+from qalora_export.cli.terminal import (
+    EXIT_OK,
+    EXIT_VERIFY_FAILED,
+    Progress,
+    err,
+    note,
+    print_summary,
+    say,
+)
 
 
 def cmd_quantize(args) -> int:
@@ -40,9 +48,9 @@ def cmd_quantize(args) -> int:
 
 def cmd_train(args) -> int:
     from qalora_export.training.config import TrainConfig
-    from qalora_export.training.train import train_adapter
     from qalora_export.training.distributed import launcher_rank
     from qalora_export.training.metrics_log import default_metrics_path
+    from qalora_export.training.train import train_adapter
 
     config = TrainConfig(rank=args.rank, alpha=args.alpha, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                          max_length=args.max_length, seed=args.seed, held_out=args.held_out,
@@ -79,7 +87,7 @@ def cmd_train(args) -> int:
 
 
 def _export(fmt_name: str, base: Path, adapter: Optional[Path], output: Path, args) -> dict:
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
     from qalora_export.extras import require
     from qalora_export.formats import get_format
 
@@ -87,7 +95,7 @@ def _export(fmt_name: str, base: Path, adapter: Optional[Path], output: Path, ar
     require(fmt.export_requires, f"export to {fmt.name}")
     # every format checks the adapter's base fingerprint in a background thread while it writes
     # (inside its atomic output: a mismatch leaves nothing)
-    model = MergedModel.open(base, adapter, pooling=getattr(args, "pooling", None), defer_fingerprint=True)
+    model = MergedView.open(base, adapter, pooling=getattr(args, "pooling", None), defer_fingerprint=True)
     bar = Progress(total=len(model.quantized_modules), desc=f"merge -> {fmt.name}")
     try:
         options = {"overwrite": args.overwrite, **fmt.options_from_args(args, bar)}

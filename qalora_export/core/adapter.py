@@ -34,6 +34,9 @@ from qalora_export.errors import AdapterError
 Pooling = Literal["mean", "sum", "peft"]
 PoolGroups = Literal["consecutive", "quantization"]
 POOLINGS: tuple[str, ...] = ("mean", "sum", "peft")
+# qalora_export.json fields of an adapter trained with integer zero shifts (docs/design.md §2.4)
+INTEGER_ZEROS_KEY = "integer_zeros"
+ZERO_RANGE_KEY = "zero_range"
 
 @dataclass
 class AdapterLayer:
@@ -66,6 +69,8 @@ class QALoRAAdapter:
         pool_groups: "consecutive" (``i // p``) or "quantization" (the base's ``g_idx``).
         base_fingerprint: fingerprint of the quantized base it was trained on, if known.
         target_modules: the projection names it adapts (``q_proj``, ...).
+        extra: further metadata of ``qalora_export.json``, kept as written; the integer-zero
+            fields are read through :attr:`integer_zero_range`.
     """
 
     layers: Mapping[str, AdapterLayer]
@@ -81,6 +86,25 @@ class QALoRAAdapter:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def integer_zero_range(self) -> Optional[tuple[int, int]]:
+        """``(lo, hi)``, the true-zero range an integer-zero adapter was trained for (metadata
+        ``integer_zeros: true``, ``zero_range: [lo, hi]``), else None.
+
+        Raises:
+            AdapterError: the metadata says integer zeros but its range is not two integers lo <= hi.
+        """
+        if not self.extra.get(INTEGER_ZEROS_KEY):
+            return None
+        value = self.extra.get(ZERO_RANGE_KEY)
+        if (not isinstance(value, (list, tuple)) or len(value) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
+            raise AdapterError(
+                f"adapter metadata says integer_zeros but its zero_range is {value!r}; it must be two "
+                f"integers [lo, hi] with lo <= hi (the GPTQ format's true-zero range)"
+            )
+        return int(value[0]), int(value[1])
 
     def layer_pool_group_size(self, name: str, in_features: int) -> int:
         """Pooling group size ``p`` of layer ``name``, checked against ``A``'s shape ``[r, in / p]``."""

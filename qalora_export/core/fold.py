@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import torch
 
 from qalora_export.core.adapter import QALoRAAdapter, adapter_delta
-from qalora_export.errors import AdapterError, FoldError
 from qalora_export.core.record import QuantizedLinear, all_finite
+from qalora_export.errors import FoldError
 
 
 @dataclass
@@ -39,24 +39,6 @@ class FoldStats:
     name: str
     max_abs_shift: float
     integral: bool
-
-
-INTEGER_ZEROS_KEY = "integer_zeros"
-ZERO_RANGE_KEY = "zero_range"
-
-
-def integer_zero_range(adapter: QALoRAAdapter) -> Optional[tuple[int, int]]:
-    """``(lo, hi)`` for an integer-zero adapter (metadata ``integer_zeros: true``), else None."""
-    if not adapter.extra.get(INTEGER_ZEROS_KEY):
-        return None
-    value = adapter.extra.get(ZERO_RANGE_KEY)
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) or value[0] > value[1]):
-        raise AdapterError(
-            f"adapter metadata says integer_zeros but its zero_range is {value!r}; it must be two "
-            f"integers [lo, hi] with lo <= hi (the GPTQ format's true-zero range)"
-        )
-    return int(value[0]), int(value[1])
 
 
 def round_zero_shift(shift: torch.Tensor, zeros: torch.Tensor, zero_range: tuple[int, int]) -> torch.Tensor:
@@ -117,7 +99,7 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
 
     Layers the adapter does not touch come back unchanged (zero shift). Codes, scales and g_idx
     are shared with the input, which is never modified. Integer-zero adapters
-    (:func:`integer_zero_range`) fold their rounded, clamped shift (module docstring).
+    (:attr:`QALoRAAdapter.integer_zero_range`) fold their rounded, clamped shift (module docstring).
     """
     if layer.name not in adapter.layers:
         return layer, FoldStats(layer.name, 0.0, True)
@@ -133,7 +115,7 @@ def fold_into_zero_points(layer: QuantizedLinear, adapter: QALoRAAdapter) -> tup
         raise FoldError(f"{layer.name}: a scale is zero, so the zero-point cannot absorb a weight shift")
     shift = delta[:, a_g].T / scales  # [G, out]
     base_zeros = layer.zeros.to(torch.float64)
-    zero_range = integer_zero_range(adapter)
+    zero_range = adapter.integer_zero_range
     if zero_range is not None:
         shift = round_zero_shift(shift, base_zeros, zero_range)
     zeros = base_zeros - shift
@@ -162,7 +144,7 @@ def effective_weight_rows(layer: QuantizedLinear,
     delta (``[out, L]``, small) computed once: verify compares a layer a row block at a time."""
     if adapter is None or layer.name not in adapter.layers:
         return lambda rows=None: layer.dequantize(torch.float64, rows)
-    zero_range = integer_zero_range(adapter)
+    zero_range = adapter.integer_zero_range
     if zero_range is not None:
         if adapter.pool_groups != "quantization":
             raise FoldError(f"{layer.name}: an integer-zero adapter must pool over the quantization groups")

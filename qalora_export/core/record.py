@@ -17,8 +17,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import ConfigError
 from qalora_export.core.packing import SUPPORTED_BITS
+from qalora_export.errors import ConfigError
 
 
 @dataclass

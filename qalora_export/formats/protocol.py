@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union, runtime_c
 if TYPE_CHECKING:
     import torch
 
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
     from qalora_export.core.record import QuantizedLinear
     from qalora_export.core.weight_rows import WeightRows
     from qalora_export.extras import Requirement
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 # Weight-level tolerance: a float (relative to the layer's max |W|) or ``(model, layer name) -> allowed
 # absolute error``.
-WeightTolerance = Union[float, Callable[["MergedModel", str], float]]
+WeightTolerance = Union[float, Callable[["MergedView", str], float]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Format(Protocol):
     def options_from_args(self, args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         """The keyword arguments of :meth:`export` from parsed options (``progress``: per-layer callback)."""
 
-    def export(self, model: "MergedModel", out: Path, **options) -> dict:
+    def export(self, model: "MergedView", out: Path, **options) -> dict:
         """Write ``model`` (base with its adapter folded in) at ``out`` atomically; a JSON-able summary."""
 
     def read_weights(self, path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
@@ -78,10 +78,10 @@ class Format(Protocol):
     def merge_metadata(self, path: Path) -> dict:
         """What the export recorded about the fold (exact or rounded, zeros moved); ``{}`` if nothing."""
 
-    def declared_layer(self, model: "MergedModel", name: str, meta: dict) -> "QuantizedLinear":
+    def declared_layer(self, model: "MergedView", name: str, meta: dict) -> "QuantizedLinear":
         """The record the artifact declares it holds for ``name``: the fold, rounded as ``meta`` says."""
 
-    def verify_runtime(self, model: "MergedModel", artifact: Path, prompts: list[list[int]], workdir: Path,
+    def verify_runtime(self, model: "MergedView", artifact: Path, prompts: list[list[int]], workdir: Path,
                        device: str) -> dict:
         """Run ``artifact`` in the real runtime against the unmerged PyTorch model; ``result["passed"]``."""
 
@@ -99,7 +99,7 @@ class FormatDefaults:
     def merge_metadata(self, path: Path) -> dict:
         return {}
 
-    def declared_layer(self, model: "MergedModel", name: str, meta: dict) -> "QuantizedLinear":
+    def declared_layer(self, model: "MergedView", name: str, meta: dict) -> "QuantizedLinear":
         return model.read_layer(name)[0]
 
     def read_weights(self, path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:

@@ -13,13 +13,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from qalora_export.core.adapter import QALoRAAdapter
-from qalora_export.errors import AdapterError, UnsupportedModelError
-from qalora_export.core.fold import integer_zero_range as fold_integer_zero_range
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
-from qalora_export.modeling.qalora_linear import QALoRALinear
-
+from qalora_export.core.adapter import QALoRAAdapter
 from qalora_export.core.families import SUPPORTED_MODEL_TYPES, TARGET_MODULES  # noqa: F401  (TARGET_MODULES: training's default)
+from qalora_export.errors import AdapterError, UnsupportedModelError
+from qalora_export.modeling.qalora_linear import QALoRALinear
 
 
 def check_supported(model_config: dict, source: Path | str) -> None:
@@ -57,7 +55,7 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
         integer_zero_range: train fresh adapters in integer-zero mode with this true-zero range
             (``train --integer-zeros``). A loaded ``adapter`` whose metadata records
             ``integer_zeros`` runs in that mode with its recorded range regardless, so that the
-            reference is what was trained (``fold.integer_zero_range``).
+            reference is what was trained (``QALoRAAdapter.integer_zero_range``).
 
     Returns:
         a ``*ForCausalLM`` in eval mode whose only parameters that require grad are the adapters.
@@ -66,7 +64,7 @@ def build_model(base: GPTQCheckpoint | Path | str, adapter: Optional[QALoRAAdapt
 
     ckpt = base if isinstance(base, GPTQCheckpoint) else GPTQCheckpoint(base)
     if adapter is not None:
-        integer_zero_range = fold_integer_zero_range(adapter)
+        integer_zero_range = adapter.integer_zero_range
     check_supported(ckpt.model_config, ckpt.directory)
     config = hf_config_from(ckpt.model_config)
     with torch.device("meta"):

@@ -35,9 +35,9 @@ from torch import nn
 
 from qalora_export.core.adapter import AdapterLayer, pooling_factor
 from qalora_export.core.fold import round_zero_shift
-from qalora_export.modeling.kernels import check_kernel_mode, kernels_selected
 from qalora_export.core.packing import pack_codes, unpack_codes_torch
 from qalora_export.core.record import QuantizedLinear
+from qalora_export.modeling.kernels import check_kernel_mode, kernels_selected
 
 
 class QALoRALinear(nn.Module):
@@ -171,7 +171,9 @@ class QALoRALinear(nn.Module):
                                            None if self.bias is None else self.bias.to(self.compute_dtype))
             return y.to(x.dtype)
         if self.use_kernels != "never" and kernels_selected(self.use_kernels, self.qweight, x):
-            from qalora_export.modeling.kernels.fused_linear import qalora_forward  # imports triton
+            from qalora_export.modeling.kernels.fused_linear import (
+                qalora_forward,  # imports triton
+            )
 
             return qalora_forward(self, x)
         w = self._weight_cache if self._weight_cache is not None else self.dequantized_weight(self.compute_dtype)

@@ -30,8 +30,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from qalora_export.errors import ConfigError
 from qalora_export.core.record import QuantizedLinear, check_quant_args
+from qalora_export.errors import ConfigError
 
 DEFAULT_DAMP = 0.01
 CALIBRATION_MODULES = (

@@ -38,9 +38,9 @@ from typing import Callable, Optional
 
 import torch
 
+from qalora_export.core.record import QuantizedLinear
 from qalora_export.errors import CheckpointError, ConfigError
 from qalora_export.quantization.gptq import DEFAULT_DAMP, gptq_quantize
-from qalora_export.core.record import QuantizedLinear
 
 DEFAULT_BATCH_TOKENS = 8192
 ACTIVATION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

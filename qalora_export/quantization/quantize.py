@@ -19,14 +19,18 @@ from typing import Callable, Optional
 
 import torch
 
-from qalora_export.errors import ConfigError, UnsupportedModelError
 from qalora_export.checkpoint.float_source import open_float_model
-from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, GPTQConfig, zero_range
-from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
 from qalora_export.checkpoint.gptq_codec import encode_layer
-from qalora_export.storage.atomic import atomic_output_dir
-from qalora_export.modeling.model import check_supported
+from qalora_export.checkpoint.gptq_config import (
+    CHECKPOINT_FORMATS,
+    GPTQConfig,
+    zero_range,
+)
+from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
 from qalora_export.core.record import check_quant_args, quantize_rtn
+from qalora_export.errors import ConfigError, UnsupportedModelError
+from qalora_export.modeling.model import check_supported
+from qalora_export.storage.atomic import atomic_output_dir
 
 QUANTIZED_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
 
@@ -92,7 +96,10 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
         # --overwrite would replace the model being read: inputs are never modified.
         raise ConfigError(f"output {out_dir} is the input model itself; choose another output path")
     if method == "gptq":  # fail on a bad flag before the source is opened
-        from qalora_export.quantization.gptq_layerwise import resolve_activation_dtype, resolve_device
+        from qalora_export.quantization.gptq_layerwise import (
+            resolve_activation_dtype,
+            resolve_device,
+        )
 
         resolve_activation_dtype(calibration_dtype, resolve_device(device))
     source = open_float_model(model_path)
@@ -154,8 +161,8 @@ def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: in
     handed to ``write_layer`` when done (:func:`qalora_export.quantization.gptq_layerwise.gptq_quantize_layerwise`)."""
     from transformers import AutoTokenizer
 
-    from qalora_export.quantization.gptq_layerwise import gptq_quantize_layerwise
     from qalora_export.quantization.gptq import calibration_batch, calibration_text
+    from qalora_export.quantization.gptq_layerwise import gptq_quantize_layerwise
 
     source.save_tokenizer(tmp)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp))

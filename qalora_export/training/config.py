@@ -8,11 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-
 from qalora_export.checkpoint.adapter_files import POOLINGS
 from qalora_export.errors import ConfigError
 from qalora_export.modeling.model import TARGET_MODULES
-
 
 TRAINING_LOG = "training_log.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")

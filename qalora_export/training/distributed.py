@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from qalora_export import errors
-from qalora_export.training.examples import IGNORE_INDEX, TokenizedExample, collate
 from qalora_export.errors import ConfigError, QALoRAExportError, TrainingError
 from qalora_export.training.evaluate import autocast_context, response_loss
+from qalora_export.training.examples import IGNORE_INDEX, TokenizedExample, collate
 
 if TYPE_CHECKING:
     from qalora_export.training.config import TrainConfig

@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
-from qalora_export.training.examples import IGNORE_INDEX
-from qalora_export.errors import TrainingError
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
+from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
+from qalora_export.errors import TrainingError
 from qalora_export.modeling.model import qalora_modules
-from qalora_export.training.distributed import (accumulate_micro_batch, finish_step)
 from qalora_export.training.config import TrainConfig
-
+from qalora_export.training.distributed import accumulate_micro_batch, finish_step
+from qalora_export.training.examples import IGNORE_INDEX
 
 # --------------------------------------------------------------------------------------- optimisation
 

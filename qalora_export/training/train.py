@@ -38,21 +38,52 @@ from typing import Optional
 import torch
 
 from qalora_export.checkpoint.adapter_files import save_adapter
-from qalora_export.errors import ConfigError
-from qalora_export.training.evaluate import held_out_loss
-from qalora_export.core.fold import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.checkpoint.gptq_config import zero_range
-from qalora_export.storage.atomic import check_output_path
-from qalora_export.modeling.model import build_model, check_supported, qalora_modules
 from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
-from qalora_export.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from qalora_export.training.prepare import BatchStream, PreparedData, file_sha256, load_tokenizer, prepare_data
-from qalora_export.training.distributed import (DistContext, data_parallel_step,
-                                enable_gradient_checkpointing, setup_distributed)
-from qalora_export.training.metrics_log import LOSS_CURVE, MetricsLog, check_matplotlib, check_tensorboard, loss_curve_png
-from qalora_export.training.config import EXECUTION_FIELDS, TRAINING_LOG, TrainConfig, TrainResult
-from qalora_export.training.optim import adapter_from_model, adapter_parameters, init_adapters, lr_lambda, make_optimizer
+from qalora_export.core.adapter import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
+from qalora_export.errors import ConfigError
+from qalora_export.modeling.model import build_model, check_supported, qalora_modules
+from qalora_export.storage.atomic import check_output_path
+from qalora_export.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from qalora_export.training.config import (
+    EXECUTION_FIELDS,
+    TRAINING_LOG,
+    TrainConfig,
+    TrainResult,
+)
+from qalora_export.training.distributed import (
+    DistContext,
+    data_parallel_step,
+    enable_gradient_checkpointing,
+    setup_distributed,
+)
+from qalora_export.training.evaluate import held_out_loss
+from qalora_export.training.metrics_log import (
+    LOSS_CURVE,
+    MetricsLog,
+    check_matplotlib,
+    check_tensorboard,
+    loss_curve_png,
+)
+from qalora_export.training.optim import (
+    adapter_from_model,
+    adapter_parameters,
+    init_adapters,
+    lr_lambda,
+    make_optimizer,
+)
+from qalora_export.training.prepare import (
+    BatchStream,
+    PreparedData,
+    file_sha256,
+    load_tokenizer,
+    prepare_data,
+)
 
 # --------------------------------------------------------------------------------------- the run
 
@@ -120,7 +151,7 @@ def train_adapter(base_dir: Path | str, data_path: Path | str, out_dir: Path | s
         check_matplotlib()
     ckpt = GPTQCheckpoint(base_dir)  # a float model is refused here: "not a GPTQ checkpoint"
     check_supported(ckpt.model_config, base_dir)  # before tokenizing the data, not after
-    if ckpt.config.group_size <= 0:
+    if ckpt.config.per_row:
         raise ConfigError(
             f"{base_dir}: group_size={ckpt.config.group_size} (one quantization group per row) leaves QA-LoRA "
             f"one pooled feature per layer, and its adapters no single pooling group size; quantize "
@@ -289,7 +320,7 @@ class _Run:
             "grad_accum": config.grad_accum, "gradient_checkpointing": config.gradient_checkpointing,
         }
         extra: dict = {"training": training}
-        if self.int_range is not None:  # read back by fold.integer_zero_range (fold, merge, build_model)
+        if self.int_range is not None:  # read back by QALoRAAdapter.integer_zero_range (fold, merge, build_model)
             extra.update({INTEGER_ZEROS_KEY: True, ZERO_RANGE_KEY: list(self.int_range),
                           "zero_range_format": ckpt.config.checkpoint_format})
         adapter = adapter_from_model(self.model, ckpt, config, extra=extra)

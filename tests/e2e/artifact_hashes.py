@@ -57,12 +57,12 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
     import tiny_models  # noqa: E402  (tests/ helpers)
 
     from qalora_export.formats import get_format
-    from qalora_export.checkpoint.merged_view import MergedModel
+    from qalora_export.checkpoint.merged_view import MergedView
 
     adapter = tiny_models.make_random_adapter(base, workdir / "adapter", rank=8, alpha=16.0, seed=7)
     hashes = {"adapter": tree_hashes(adapter, base.parent)}
     for case, (fmt, options) in CASES.items():
-        model = MergedModel.open(base, adapter)
+        model = MergedView.open(base, adapter)
         out = workdir / artifact_name(fmt, case)
         get_format(fmt).export(model, out, **options)
         written = sorted(workdir.glob(f"{case}*.gguf")) if fmt == "gguf" else [out]

@@ -8,7 +8,7 @@ import pytest
 import tiny_models
 from qalora_export.formats.gguf import FORMAT as G
 from qalora_export.formats.gguf import verify as gguf_verify
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,10 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_merged(smollm2_base, tmp_path_factory) -> MergedModel:
+def smollm2_merged(smollm2_base, tmp_path_factory) -> MergedView:
     adapter = tiny_models.make_random_adapter(smollm2_base, tmp_path_factory.mktemp("smol-ad") / "adapter",
                                               rank=8, alpha=16, magnitude=0.02)
-    return MergedModel.open(smollm2_base, adapter)
+    return MergedView.open(smollm2_base, adapter)
 
 
 def test_smollm2_export_weights_metadata_and_runtime(smollm2_merged, smollm2_gguf, tmp_path):

@@ -14,26 +14,26 @@ import gguf_helpers
 import tiny_models
 from qalora_export.formats.gguf import FORMAT as G
 from qalora_export.formats.gguf import plan as gguf_plan
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 
 
 @pytest.mark.parametrize("embeddings", ["f16", "f32", "q8_0"])
 @pytest.mark.parametrize("tied", [False, True])
 def test_row_blocks_are_byte_identical_to_whole_tables(tmp_path, monkeypatch, embeddings, tied):
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=tied)
-    model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
+    model = MergedView.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
     hidden, vocab = model.model_config["hidden_size"], model.model_config["vocab_size"]
     monkeypatch.setattr(gguf_plan, "FLOAT_BLOCK_BYTES", 7 * hidden * 2)  # 7 rows a block
     assert vocab % 7
     reads = []
-    real_read = MergedModel.read_tensor
+    real_read = MergedView.read_tensor
 
     def spy(self, name, rows=None):
         reads.append((name, rows))
         return real_read(self, name, rows)
 
     with monkeypatch.context() as patched:
-        patched.setattr(MergedModel, "read_tensor", spy)
+        patched.setattr(MergedView, "read_tensor", spy)
         G.export(model, tmp_path / "blocks.gguf", embeddings=embeddings)
     assert all(rows is not None for name, rows in reads if name == "model.embed_tokens.weight")
     assert sum(name == "model.embed_tokens.weight" for name, _ in reads) == -(-vocab // 7)

@@ -23,7 +23,7 @@ from qalora_export.checkpoint.gptq_config import INDEX_FILE
 from qalora_export.checkpoint.gptq_writer import CheckpointWriter
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.checkpoint.gptq_codec import encode_layer
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.storage.safetensors_stream import TensorSpec, header_bytes, plan_shards
 
 CASES = [  # bits, group size, act-order, checkpoint format
@@ -48,7 +48,7 @@ def bases(tmp_path_factory) -> dict:
     return made
 
 
-def original_weight_files(model: MergedModel, fmt: str, out: Path, max_shard_bytes: int) -> None:
+def original_weight_files(model: MergedView, fmt: str, out: Path, max_shard_bytes: int) -> None:
     """The export's weight files as the code before streaming wrote them: full decode, fold,
     round, encode, and ``save_file`` of each whole shard (the buffered writer of that version)."""
     pending: dict[str, torch.Tensor] = {}
@@ -89,7 +89,7 @@ def weight_files(directory: Path) -> list[Path]:
 @pytest.mark.parametrize("max_shard_bytes", [2 * 1024**3, 6_000])
 def test_streaming_merge_writes_the_original_bytes(bases, case, max_shard_bytes, tmp_path):
     base, adapter = bases[case]
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     fmt = case[3]
     gptq_converter.export(model, tmp_path / "new", max_shard_bytes=max_shard_bytes)
     original_weight_files(model, fmt, tmp_path / "old", max_shard_bytes)
@@ -119,8 +119,8 @@ def test_sharded_input_to_sharded_output_round_trip(bases, tmp_path):
             (resharded / f.name).write_bytes(f.read_bytes())
     assert GPTQCheckpoint(resharded).fingerprint() == ckpt.fingerprint()
 
-    gptq_converter.export(MergedModel.open(resharded, adapter), tmp_path / "sharded", max_shard_bytes=7_000)
-    gptq_converter.export(MergedModel.open(base, adapter), tmp_path / "single")
+    gptq_converter.export(MergedView.open(resharded, adapter), tmp_path / "sharded", max_shard_bytes=7_000)
+    gptq_converter.export(MergedView.open(base, adapter), tmp_path / "single")
     sharded, single = GPTQCheckpoint(tmp_path / "sharded"), GPTQCheckpoint(tmp_path / "single")
     assert len(weight_files(tmp_path / "sharded")) > 2 and (tmp_path / "sharded" / INDEX_FILE).is_file()
     assert sharded.quantized_modules == single.quantized_modules
@@ -131,8 +131,8 @@ def test_sharded_input_to_sharded_output_round_trip(bases, tmp_path):
 
 def test_summary_is_in_module_order_and_unchanged_by_sharding(bases, tmp_path):
     base, adapter = bases[(2, 16, False, "gptq_v2")]
-    one = gptq_converter.export(MergedModel.open(base, adapter), tmp_path / "one")
-    many = gptq_converter.export(MergedModel.open(base, adapter), tmp_path / "many", max_shard_bytes=3_000)
+    one = gptq_converter.export(MergedView.open(base, adapter), tmp_path / "one")
+    many = gptq_converter.export(MergedView.open(base, adapter), tmp_path / "many", max_shard_bytes=3_000)
     assert list(one["per_layer"]) == GPTQCheckpoint(base).quantized_modules
     one.pop("path"), many.pop("path")
     assert one == many
@@ -221,7 +221,7 @@ def test_merge_copies_unchanged_tensors_without_reading_them(bases, tmp_path, mo
         return real(self, key, rows)
 
     monkeypatch.setattr(GPTQCheckpoint, "read_tensor", spy)
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     read.clear()  # the fingerprint check reads every quantized tensor, by design
     gptq_converter.export(model, tmp_path / "out")
     assert not any(k.endswith(".qweight") or k.endswith("embed_tokens.weight") for k in read)

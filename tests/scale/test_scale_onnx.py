@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 import tiny_models
 from qalora_export.formats.onnx import write as onnx_write
 from qalora_export.formats.onnx import graph as onnx_graph
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 
 
 def original_add(self, name: str, array: np.ndarray) -> TensorProto:
@@ -44,7 +44,7 @@ def original_add(self, name: str, array: np.ndarray) -> TensorProto:
 def test_streamed_external_data_is_byte_identical(tmp_path, monkeypatch):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4)
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     onnx_write.export(model, tmp_path / "new", zero_points="split")
     onnx_write.export_float_reference(model, tmp_path / "new-float")
     monkeypatch.setattr(onnx_graph.ExternalData, "add", original_add)
@@ -62,7 +62,7 @@ def test_float_weight_in_row_blocks_is_byte_identical(tmp_path, monkeypatch):
     blocks; with blocks of a few rows (uneven last block) the files equal the one-copy original."""
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4)
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     hidden = model.model_config["hidden_size"]
     vocab = model.model_config["vocab_size"]
     monkeypatch.setattr(onnx_graph, "FLOAT_BLOCK_BYTES", 3 * vocab * 4)  # 3 rows of weight_t a block
@@ -101,7 +101,7 @@ def test_tables_read_in_row_blocks_equal_whole_reads(tmp_path, monkeypatch, dtyp
     """Float tables are read a row block at a time into one array (no whole-file residency while
     copying); the array equals the whole read, bfloat16 widened to float32 as before."""
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32, tie_embeddings=False)
-    model = MergedModel.open(base)
+    model = MergedView.open(base)
     monkeypatch.setattr(model.base, "read_tensor", _as_dtype(model.base.read_tensor, dtype))
     monkeypatch.setattr(model.base, "tensor_spec", lambda name, real=model.base.tensor_spec: (dtype, real(name)[1]))
     monkeypatch.setattr(onnx_write, "READ_BLOCK_BYTES", 5 * 64 * 2)  # 5 rows (hidden 64), uneven last block

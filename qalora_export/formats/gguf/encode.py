@@ -14,14 +14,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import FormatLimitError
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.core.packing import WORD_BITS, column_word_bytes, unpack_codes
 from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 from qalora_export.core.weight_rows import row_ranges
-
+from qalora_export.errors import FormatLimitError
 from qalora_export.formats.gguf import spec as spec
-
 
 # --------------------------------------------------------------------------------- Q4_1 encoding
 
@@ -59,12 +57,12 @@ def check_q4_1_layer(layer: QuantizedLinear) -> None:
         raise FormatLimitError(problem)
 
 
-def preflight_q4_1(model: MergedModel) -> None:
+def preflight_q4_1(model: MergedView) -> None:
     """Check every quantized layer against Q4_1 from headers and ``g_idx`` alone, before writing."""
     shape_of = _Shapes(model)
     for name in model.quantized_modules:
         in_f = shape_of(f"{name}.qweight")[0] * WORD_BITS // model.bits
-        gs = model.group_size if model.group_size > 0 else in_f
+        gs = model.base.config.group_size_for(in_f)
         act_order = False
         if f"{name}.g_idx" in shape_of.files and not gs % spec.QK4_1:
             g_idx = model.read_tensor(f"{name}.g_idx").to(torch.int64)
@@ -172,7 +170,7 @@ def block_code_bytes(qweight: np.ndarray, bits: int, in_features: int,
 class _Shapes:
     """Tensor shapes from safetensors headers, without reading data."""
 
-    def __init__(self, model: MergedModel):
+    def __init__(self, model: MergedView):
         self.files = model.base.tensor_files
         self.handles: dict = {}
 

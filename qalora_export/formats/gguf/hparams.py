@@ -11,9 +11,7 @@ from typing import Optional
 import numpy as np
 
 from qalora_export.errors import UnsupportedModelError
-
 from qalora_export.formats.gguf import spec as spec
-
 
 # ------------------------------------------------------------------------------ hyperparameters
 

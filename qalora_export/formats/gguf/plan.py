@@ -11,15 +11,18 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import UnsupportedModelError
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.core.packing import WORD_BITS
 from qalora_export.core.weight_rows import row_ranges
-
+from qalora_export.errors import UnsupportedModelError
 from qalora_export.formats.gguf import spec as spec
+from qalora_export.formats.gguf.encode import (
+    Q4_1Stats,
+    _Shapes,
+    check_q4_1_layer,
+    encode_q4_1,
+)
 from qalora_export.formats.gguf.hparams import HyperParams, llama3_rope_factors
-from qalora_export.formats.gguf.encode import Q4_1Stats, _Shapes, check_q4_1_layer, encode_q4_1
-
 
 # ----------------------------------------------------------------------------------- the plan
 
@@ -63,7 +66,7 @@ def _float_array(t: torch.Tensor, ggml_type: str) -> np.ndarray:
 FLOAT_BLOCK_BYTES = 32 << 20
 
 
-def _float_row_blocks(model: MergedModel, key: str, shape: tuple[int, int], ggml_type: str) -> Iterator[np.ndarray]:
+def _float_row_blocks(model: MergedView, key: str, shape: tuple[int, int], ggml_type: str) -> Iterator[np.ndarray]:
     """The stored form of float table ``key`` ``[rows, cols]`` (:func:`_float_array`), row block by
     row block: every type stores rows independently (Q8_0 blocks run along a row)."""
     rows, cols = shape
@@ -95,7 +98,7 @@ class _RowBlocks:
             raise RuntimeError(f"row blocks held {written} bytes, planned {self.nbytes}")
 
 
-def _plan(model: MergedModel, hp: HyperParams, embeddings: str, weights_dtype: str,
+def _plan(model: MergedView, hp: HyperParams, embeddings: str, weights_dtype: str,
           stats: dict[str, Q4_1Stats]) -> list[_Tensor]:
     """Every tensor of the file, in writing order, with lazy producers (one layer in memory at a time)."""
     shape_of = _Shapes(model)

@@ -11,11 +11,9 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import CheckpointError, ConfigError
 from qalora_export.core.weight_rows import WeightRows
-
+from qalora_export.errors import CheckpointError, ConfigError
 from qalora_export.formats.gguf import container, spec
-
 
 # --------------------------------------------------------------------------------- reading back
 

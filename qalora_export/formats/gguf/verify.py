@@ -9,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.errors import ConfigError
-from qalora_export.checkpoint.merged_view import MergedModel
-
 from qalora_export.formats.gguf import spec as spec
-from qalora_export.formats.gguf.write import export
 from qalora_export.formats.gguf.read import read_file_types
-
+from qalora_export.formats.gguf.write import export
 
 # ------------------------------------------------------------------------------ runtime verify
 
@@ -52,7 +50,7 @@ def _run_torch(net: torch.nn.Module, prompts: list[list[int]], n_new: int) -> tu
     return logits, continuations
 
 
-def _torch_references(model: MergedModel, prompts: list[list[int]], n_new: int, base_too: bool = True):
+def _torch_references(model: MergedView, prompts: list[list[int]], n_new: int, base_too: bool = True):
     """Logits ``[T, V]`` and greedy continuations of the unmerged PyTorch model (float32, CPU), with the
     adapter and (``base_too``) without it: one model, whose ``lora_B`` is zeroed for the second run, so
     the adapter path adds exactly 0 and the output is the base's."""
@@ -94,7 +92,7 @@ def _compare(ref_logits, ref_greedy, test_logits, test_greedy) -> dict:
     return overall
 
 
-def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]], workdir: Path, *,
+def verify_runtime(model: MergedView, artifact: Path, prompts: list[list[int]], workdir: Path, *,
                    n_new: int = 8, n_threads: int = 2) -> dict:
     """Run the artifact in llama.cpp and judge it against llama.cpp's own noise floor (docs/design.md §4).
 
@@ -131,7 +129,7 @@ def verify_runtime(model: MergedModel, artifact: Path, prompts: list[list[int]],
     f32_path.unlink()
 
     floor_path = workdir / f"floor-base-{weights_dtype}.gguf"
-    export(MergedModel(model.base, None), floor_path, embeddings=embeddings, weights_dtype=weights_dtype,
+    export(MergedView(model.base, None), floor_path, embeddings=embeddings, weights_dtype=weights_dtype,
            overwrite=True)
     floor_logits, floor_greedy = _llamacpp_logits_and_greedy(floor_path, prompts, n_new, n_threads)
     result["floor"] = _compare(base_logits, base_greedy, floor_logits, floor_greedy)

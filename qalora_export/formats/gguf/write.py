@@ -14,24 +14,22 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from qalora_export.errors import ConfigError, FormatLimitError
-from qalora_export.storage.direct_io import DirectWriter
-from qalora_export.storage.atomic import atomic_output_file, atomic_output_files
-from qalora_export.checkpoint.merged_view import MergedModel, single_threaded_torch
+from qalora_export.checkpoint.merged_view import MergedView, single_threaded_torch
 from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
-from qalora_export.storage.write_behind import WriteBehind
-
+from qalora_export.errors import ConfigError, FormatLimitError
 from qalora_export.formats.gguf import spec as spec
-from qalora_export.formats.gguf.spec import WEIGHT_TOLERANCE
-from qalora_export.formats.gguf.hparams import HyperParams, read_hyperparams
 from qalora_export.formats.gguf.encode import Q4_1Stats, preflight_q4_1
-from qalora_export.formats.gguf.plan import _RowBlocks, _plan
-
+from qalora_export.formats.gguf.hparams import HyperParams, read_hyperparams
+from qalora_export.formats.gguf.plan import _plan, _RowBlocks
+from qalora_export.formats.gguf.spec import WEIGHT_TOLERANCE
+from qalora_export.storage.atomic import atomic_output_file, atomic_output_files
+from qalora_export.storage.direct_io import DirectWriter
+from qalora_export.storage.write_behind import WriteBehind
 
 # ------------------------------------------------------------------------------------- export
 
 
-def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: str, embeddings: str, tok,
+def _add_metadata(writer, model: MergedView, hp: HyperParams, weights_dtype: str, embeddings: str, tok,
                   n_vocab: int) -> None:
     from gguf import RopeScalingType
 
@@ -66,7 +64,7 @@ def _add_metadata(writer, model: MergedModel, hp: HyperParams, weights_dtype: st
                       "none" if adapter is None else f"rank={adapter.rank} alpha={adapter.alpha:g} pooling={adapter.pooling}")
 
 
-def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite: bool = False,
+def export(model: MergedView, out: Path, *, embeddings: str = "f16", overwrite: bool = False,
            weights_dtype: str = "q4_1", progress: Optional[Callable[[str], None]] = None,
            split_max_bytes: Optional[int] = None) -> dict:
     """Write ``model`` (base with its adapter folded in) as a llama.cpp GGUF file at ``out``.
@@ -134,7 +132,7 @@ def export(model: MergedModel, out: Path, *, embeddings: str = "f16", overwrite:
     files = writer.format_shard_names(out)  # [out], or out's directory / "<stem>-00001-of-0000N.gguf" ..
     if len(files) == 1:
         writer.split_max_size = 0  # one file: no split keys (and no warning from gguf-py that it did not split)
-    # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI opens
+    # a deferred base-fingerprint check (MergedView.open(defer_fingerprint=True), as the CLI opens
     # it) hashes the base while the tensors are converted; a mismatch removes the output
     with _atomic_gguf_output(out, files, overwrite) as tmp, single_threaded_torch(), model.fingerprint_checked():
         writer.write_header_to_file(path=tmp)

@@ -24,7 +24,7 @@ class GPTQ:
     help = "an AutoGPTQ checkpoint (transformers, GPTQModel, vLLM); fractional zero-points rounded"
     has_verb = False  # ``merge --to gptq``, the default
     output_suffix = ""
-    artifact = "a GPTQ checkpoint directory (config.json)"
+    artifact = "a GPTQ checkpoint directory (config.json with a quantization_config)"
     # writing needs none; verify runs transformers + GPTQModel (with optimum)
     export_requires: tuple[Requirement, ...] = ()
     runtime_requires = (Requirement("gptq", ("gptqmodel", "optimum")),)
@@ -41,7 +41,24 @@ class GPTQ:
         return WEIGHT_TOLERANCE
 
     def detect(self, path: Path) -> bool:
-        return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+        """A directory whose configs carry a GPTQ quantization config (a float model's do not)."""
+        import json
+
+        from qalora_export.checkpoint.gptq_config import (
+            CONFIG_FILE,
+            QUANTIZE_CONFIG_FILE,
+        )
+
+        path = Path(path)
+        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+            return False
+        if (path / QUANTIZE_CONFIG_FILE).is_file():
+            return True
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, ValueError):
+            return True  # unreadable: the checkpoint reader names what is wrong with it
+        return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict)
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS

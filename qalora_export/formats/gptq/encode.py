@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from qalora_export.errors import FormatLimitError
 from qalora_export.checkpoint.gptq_config import zero_range
 from qalora_export.core.record import QuantizedLinear
+from qalora_export.errors import FormatLimitError
 
 
 @dataclass

@@ -10,13 +10,13 @@ from typing import Iterator
 
 import torch
 
-from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.core.record import QuantizedLinear
 from qalora_export.core.weight_rows import WeightRows
-from qalora_export.formats.gptq.spec import META_KEY
 from qalora_export.formats.gptq.encode import integer_zeros
+from qalora_export.formats.gptq.spec import META_KEY
 
 
 def read_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -41,7 +41,7 @@ def merge_metadata(path: Path) -> dict:
     return dict((qcfg.get("meta") or {}).get(META_KEY) or {})
 
 
-def declared_layer(model: MergedModel, name: str, artifact_meta: dict) -> QuantizedLinear:
+def declared_layer(model: MergedView, name: str, artifact_meta: dict) -> QuantizedLinear:
     """The record the artifact must hold for layer ``name``: the fold, rounded as its metadata declares."""
     folded, _ = model.read_layer(name)
     if artifact_meta.get("exact", True) and artifact_meta.get("zeros_moved", 0) == 0:
@@ -52,7 +52,7 @@ def declared_layer(model: MergedModel, name: str, artifact_meta: dict) -> Quanti
     return rounded
 
 
-def declared_weight(model: MergedModel, name: str, artifact_meta: dict) -> torch.Tensor:
+def declared_weight(model: MergedView, name: str, artifact_meta: dict) -> torch.Tensor:
     """:func:`declared_layer` dequantized: float64 ``[out, in]``."""
     return declared_layer(model, name, artifact_meta).dequantize(torch.float64)
 

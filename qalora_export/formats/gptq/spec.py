@@ -4,10 +4,7 @@ metadata key that records the merge, the output dtypes, and the tolerances of bo
 
 from __future__ import annotations
 
-
 import torch
-
-
 
 META_KEY = "qalora_export"
 

@@ -13,17 +13,28 @@ from typing import Callable, Optional
 
 import torch
 
-from qalora_export.errors import FoldError, FormatLimitError
-from qalora_export.core.packing import WORD_BITS
-from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, CONFIG_FILE, INDEX_FILE, QUANTIZE_CONFIG_FILE, THREE_BIT_WIDTH_MULTIPLE, GPTQConfig
-from qalora_export.checkpoint.gptq_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint, write_configs
 from qalora_export.checkpoint.gptq_codec import encode_layer, encode_zero_points
-from qalora_export.storage.atomic import atomic_output_dir
-from qalora_export.checkpoint.merged_view import MergedModel, single_threaded_torch
+from qalora_export.checkpoint.gptq_config import (
+    CHECKPOINT_FORMATS,
+    CONFIG_FILE,
+    INDEX_FILE,
+    QUANTIZE_CONFIG_FILE,
+    THREE_BIT_WIDTH_MULTIPLE,
+    GPTQConfig,
+)
+from qalora_export.checkpoint.gptq_writer import (
+    DEFAULT_MAX_SHARD_BYTES,
+    write_checkpoint,
+    write_configs,
+)
+from qalora_export.checkpoint.merged_view import MergedView, single_threaded_torch
+from qalora_export.core.packing import WORD_BITS
 from qalora_export.core.record import contiguous_g_idx
-from qalora_export.storage.safetensors_stream import StoredTensor, TensorSpec
-from qalora_export.formats.gptq.spec import META_KEY, OUTPUT_DTYPES
+from qalora_export.errors import FoldError, FormatLimitError
 from qalora_export.formats.gptq.encode import ZeroPolicyResult, integer_zeros
+from qalora_export.formats.gptq.spec import META_KEY, OUTPUT_DTYPES
+from qalora_export.storage.atomic import atomic_output_dir
+from qalora_export.storage.safetensors_stream import StoredTensor, TensorSpec
 
 
 @dataclass
@@ -47,7 +58,7 @@ class GPTQExportSummary:
         return asdict(self)
 
 
-def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = None,
+def export(model: MergedView, out: Path, *, checkpoint_format: Optional[str] = None,
            require_exact: bool = False, clamp_zeros: bool = False, overwrite: bool = False,
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
            progress: Optional[Callable[[str], None]] = None) -> dict:
@@ -79,8 +90,7 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
         if suffix == "qzeros":
             return folded_zero_points(module)
         if suffix == "g_idx" and key not in model.base.tensor_files:  # the base relies on i // group_size
-            group_size = base_cfg.group_size if base_cfg.group_size > 0 else in_features[module]
-            return contiguous_g_idx(in_features[module], group_size).to(torch.int32)
+            return contiguous_g_idx(in_features[module], base_cfg.group_size_for(in_features[module])).to(torch.int32)
         stored = model.base.stored_tensor(key)
         if stored is not None and stored.dtype == OUTPUT_DTYPES[suffix]:
             return stored
@@ -105,7 +115,7 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
     in_features = {name: _in_features(model, name) for name in model.quantized_modules}
     layer_stats: dict[str, tuple[int, ZeroPolicyResult, object]] = {}
     with atomic_output_dir(out, overwrite=overwrite) as tmp, single_threaded_torch():
-        # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI
+        # a deferred base-fingerprint check (MergedView.open(defer_fingerprint=True), as the CLI
         # opens it) hashes the base while the shards are copied; a mismatch removes the output
         with model.fingerprint_checked():
             _, total_bytes = write_checkpoint(tmp, specs, produce, max_shard_bytes)
@@ -138,12 +148,12 @@ def export(model: MergedModel, out: Path, *, checkpoint_format: Optional[str] = 
 
 
 
-def _in_features(model: MergedModel, name: str) -> int:
+def _in_features(model: MergedView, name: str) -> int:
     _, shape = model.base.tensor_spec(f"{name}.qweight")
     return shape[0] * WORD_BITS // model.bits
 
 
-def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSpec]:
+def planned_tensors(model: MergedView, checkpoint_format: str) -> list[TensorSpec]:
     """Every tensor the export writes, in writing order (per layer: qweight, qzeros, scales,
     g_idx, bias; then the float tensors), from the base's headers alone.
 
@@ -170,7 +180,7 @@ def planned_tensors(model: MergedModel, checkpoint_format: str) -> list[TensorSp
     return specs
 
 
-def _adapter_fingerprint(model: MergedModel) -> Optional[str]:
+def _adapter_fingerprint(model: MergedView) -> Optional[str]:
     if model.adapter is None:
         return None
     import hashlib

@@ -104,7 +104,10 @@ class ONNX:
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Codes in MatMulNBits B (3-bit codes in a 4-bit container), fp32 scales and float zero-points
         per block (``block_size_for``), plus the float tensors."""
-        from qalora_export.checkpoint.shapes import float_tensor_bytes, quantized_weight_count
+        from qalora_export.checkpoint.shapes import (
+            float_tensor_bytes,
+            quantized_weight_count,
+        )
         from qalora_export.formats.onnx.spec import block_size_for, container_bits
 
         weights = quantized_weight_count(config)

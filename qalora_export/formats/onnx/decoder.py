@@ -11,7 +11,6 @@ import numpy as np
 
 from qalora_export.core.families import SUPPORTED_MODEL_TYPES
 from qalora_export.errors import UnsupportedModelError
-
 from qalora_export.formats.onnx import spec as spec
 
 if TYPE_CHECKING:

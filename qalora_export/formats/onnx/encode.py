@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import ConfigError, FormatLimitError
 from qalora_export.core.record import QuantizedLinear
-
+from qalora_export.errors import ConfigError, FormatLimitError
 from qalora_export.formats.onnx import spec as spec
 
 if TYPE_CHECKING:

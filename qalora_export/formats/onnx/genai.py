@@ -17,7 +17,6 @@ from qalora_export.formats.onnx.decoder import DecoderConfig
 from qalora_export.formats.onnx.spec import GENAI_CONFIG_FILE, MODEL_FILE
 
 
-
 def _token_ids(model_config: dict, generation_config: Optional[dict]) -> tuple:
     """bos, eos (int or list), pad; ``generation_config.json`` wins over ``config.json``."""
     merged = dict(model_config)

@@ -38,11 +38,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qalora_export.storage.direct_io import DirectWriter
 from qalora_export.core.weight_rows import row_ranges
-
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx.decoder import decoder_config, rotary_caches
+from qalora_export.storage.direct_io import DirectWriter
 
 GQA_DOMAIN = "com.microsoft"
 EXTERNAL_ALIGN = 64

@@ -12,14 +12,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from qalora_export.errors import CheckpointError
 from qalora_export.core.record import QuantizedLinear
 from qalora_export.core.weight_rows import WeightRows
-
+from qalora_export.errors import CheckpointError
 from qalora_export.formats.onnx import spec as spec
-from qalora_export.formats.onnx.spec import MODEL_FILE
-from qalora_export.formats.onnx.spec import MERGE_METADATA_KEY
-
+from qalora_export.formats.onnx.spec import MERGE_METADATA_KEY, MODEL_FILE
 
 # ------------------------------------------------------------------------------------ reading
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from qalora_export.formats.onnx.spec import GENAI_CONFIG_FILE, MODEL_FILE
 from qalora_export.runtimes.isolation import RuntimeInfo
 
 RUNTIME = RuntimeInfo(
@@ -24,8 +25,6 @@ RUNTIME = RuntimeInfo(
     crash_hint=("run with -v (or read the log file) for onnxruntime's own messages; reinstall "
                 "'qalora-export[onnx]' (onnxruntime and onnxruntime-genai of matching versions)"))
 
-MODEL_FILE = "model.onnx"
-GENAI_CONFIG_FILE = "genai_config.json"
 
 
 def default_providers() -> list[str]:

@@ -38,9 +38,9 @@ from typing import Iterator
 
 import numpy as np
 
-from qalora_export.errors import FormatLimitError
 from qalora_export.core.packing import WORD_BYTES, column_word_bytes
 from qalora_export.core.weight_rows import row_ranges
+from qalora_export.errors import FormatLimitError
 
 OP_TYPE = "MatMulNBits"
 OP_DOMAIN = "com.microsoft"

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from qalora_export.errors import ConfigError
-
 from qalora_export.formats.onnx import spec as spec
-
 
 # ------------------------------------------------------------------------------------ verify
 
@@ -54,9 +52,9 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     greedy disagreement passes only at a near-tie (reference top-2 margin within
     ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|).
     """
-    from qalora_export.training.evaluate import cached_base_weights
-    from qalora_export.modeling.model import build_model
     from qalora_export.formats.onnx import runtime as onnxrt
+    from qalora_export.modeling.model import build_model
+    from qalora_export.training.evaluate import cached_base_weights
 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("verify needs at least one non-empty prompt")
@@ -107,8 +105,8 @@ def _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all,
 
 def _judge(prompts, ref_all, ort_all, kv_all, greedy) -> dict:
     """Apply ``spec``'s tolerances to what :func:`_run_prompts` collected."""
-    from qalora_export.runtimes.compare import compare_logits
     from qalora_export.formats.onnx import runtime as onnxrt
+    from qalora_export.runtimes.compare import compare_logits
 
     logits = compare_logits(ref_all, ort_all)
     kv = compare_logits(ort_all, kv_all)

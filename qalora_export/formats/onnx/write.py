@@ -40,19 +40,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qalora_export.errors import CheckpointError, ConfigError, UnsupportedModelError
-from qalora_export.storage.atomic import atomic_output_dir
 from qalora_export.checkpoint.merged_view import single_threaded_torch
 from qalora_export.checkpoint.tokenizer_check import check_tokenizer_matches
-from qalora_export.core.weight_rows import row_ranges
-
-from qalora_export.formats.onnx import spec as spec
-from qalora_export.formats.onnx.genai import write_genai_config
-from qalora_export.formats.onnx.spec import MODEL_FILE
 from qalora_export.core.families import LLAMA_PROJECTIONS as PROJECTIONS
-from qalora_export.formats.onnx.spec import DATA_FILE, MERGE_METADATA_KEY, METADATA_VERSION, TOKENIZER_FILES
+from qalora_export.core.weight_rows import row_ranges
+from qalora_export.errors import CheckpointError, ConfigError, UnsupportedModelError
+from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx.encode import encode_linear, relayable
-
+from qalora_export.formats.onnx.genai import write_genai_config
+from qalora_export.formats.onnx.spec import (
+    DATA_FILE,
+    MERGE_METADATA_KEY,
+    METADATA_VERSION,
+    MODEL_FILE,
+    TOKENIZER_FILES,
+)
+from qalora_export.storage.atomic import atomic_output_dir
 
 # ------------------------------------------------------------------------------------ export
 
@@ -101,12 +104,12 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
     """
     import onnx
 
-    from qalora_export.formats.onnx.graph import ExternalData, build_decoder
     from qalora_export.formats.onnx.decoder import decoder_config
+    from qalora_export.formats.onnx.graph import ExternalData, build_decoder
 
     cfg = decoder_config(model.model_config)
     out = Path(out)
-    # a deferred base-fingerprint check (MergedModel.open(defer_fingerprint=True), as the CLI opens
+    # a deferred base-fingerprint check (MergedView.open(defer_fingerprint=True), as the CLI opens
     # it) hashes the base while the layers are encoded; a mismatch removes the output
     with atomic_output_dir(out, overwrite) as tmp, single_threaded_torch(), model.fingerprint_checked():
         external = ExternalData(tmp / DATA_FILE)
@@ -156,10 +159,10 @@ def _graph_modules(model_config: dict) -> list[str]:
 
 def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int = 0, dtype: str = "fp32",
            overwrite: bool = False, allow_rounding: bool = False) -> dict:
-    """Write ``model`` (a :class:`MergedModel`) as an ONNX MatMulNBits decoder in ``out``.
+    """Write ``model`` (a :class:`MergedView`) as an ONNX MatMulNBits decoder in ``out``.
 
     Args:
-        model: the base with its adapter folded (``MergedModel.open(base, adapter)``).
+        model: the base with its adapter folded (``MergedView.open(base, adapter)``).
         out: output directory; refused if it exists unless ``overwrite``.
         zero_points: "float" (exact, default) or "uint8" (packed; integral zeros only, else
             ``allow_rounding``).
@@ -173,10 +176,10 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
 
     Example::
 
-        summary = export(MergedModel.open("base", "adapter"), Path("out_onnx"))
+        summary = export(MergedView.open("base", "adapter"), Path("out_onnx"))
     """
-    from qalora_export.formats.onnx.graph import FloatLinear
     from qalora_export.formats.onnx.decoder import decoder_config
+    from qalora_export.formats.onnx.graph import FloatLinear
 
     _check_options(zero_points, accuracy_level, dtype)
     decoder_config(model.model_config)  # unsupported architecture: refuse before any work

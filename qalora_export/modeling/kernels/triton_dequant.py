@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qalora_export.errors import ConfigError
 from qalora_export.core.packing import SUPPORTED_BITS, packed_length
+from qalora_export.errors import ConfigError
 
 # Tile of the dequant pass: BLOCK_K codes along ``in`` by BLOCK_N output rows. Writes are
 # coalesced along ``out`` (the packed words' contiguous axis). Not tuned on a GPU yet

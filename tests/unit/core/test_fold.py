@@ -2,7 +2,7 @@
 
 The fold is exact in float64: ``scale * (q - zero') == scale * (q - zero) + dW`` for every weight.
 Record-level tests build layers in memory (fast, every bit width / group size / act-order);
-file-level tests go through a tiny GPTQ base, ``make_random_adapter`` and :class:`MergedModel`.
+file-level tests go through a tiny GPTQ base, ``make_random_adapter`` and :class:`MergedView`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from qalora_export.core.fold import effective_weight, fold_into_zero_points, poo
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.checkpoint.gptq_config import GPTQConfig
 from qalora_export.checkpoint.gptq_codec import decode_layer, encode_layer
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.core.record import quantize_rtn
 
 NAME = "model.layers.0.mlp.up_proj"
@@ -203,7 +203,7 @@ def test_integral_shift_adapter_folds_to_integral_zeros_bit_exact(tmp_path, bits
     G = 64 // group_size
     adapter_dir = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=G, alpha=2.0 * G,
                                                   integral_shift=True)
-    merged = MergedModel.open(base, adapter_dir)
+    merged = MergedView.open(base, adapter_dir)
     cfg = GPTQConfig(bits, group_size, act_order, False, fmt)
     moved = 0
     for name in merged.quantized_modules:
@@ -228,14 +228,14 @@ def test_merged_model_checks_adapter_against_base(tmp_path):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32)
     other = tiny_models.make_tiny_base(tmp_path / "other", bits=4, group_size=32, seed=5)
     adapter_dir = tiny_models.make_random_adapter(base, tmp_path / "adapter")
-    MergedModel.open(base, adapter_dir)  # its own base: fine
+    MergedView.open(base, adapter_dir)  # its own base: fine
     with pytest.raises(AdapterError, match="trained on a base with fingerprint sha256:.*different quantized base"):
-        MergedModel.open(other, adapter_dir)
+        MergedView.open(other, adapter_dir)
     adapter = load_adapter(adapter_dir)
     adapter.layers["model.layers.7.mlp.up_proj"] = adapter.layers["model.layers.0.mlp.up_proj"]
     with pytest.raises(AdapterError, match=r"adapts 1 module\(s\) the base does not quantize \(first: model.layers.7"):
-        MergedModel(GPTQCheckpoint(base), adapter)
-    plain = MergedModel.open(base)
+        MergedView(GPTQCheckpoint(base), adapter)
+    plain = MergedView.open(base)
     layer, stats = plain.read_layer("model.layers.0.mlp.up_proj")
     assert stats.max_abs_shift == 0.0 and torch.equal(layer.zeros, plain.base.read_layer(layer.name).zeros)
 
@@ -243,7 +243,7 @@ def test_merged_model_checks_adapter_against_base(tmp_path):
 def test_merged_random_adapter_is_exact_in_float64(tmp_path):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=3, group_size=32, act_order=True)
     adapter_dir = tiny_models.make_random_adapter(base, tmp_path / "adapter", magnitude=0.2)
-    merged = MergedModel.open(base, adapter_dir)
+    merged = MergedView.open(base, adapter_dir)
     for name in merged.quantized_modules:
         folded, stats = merged.read_layer(name)
         eff = merged.reference_weight(name)

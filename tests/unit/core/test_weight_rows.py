@@ -20,7 +20,7 @@ from qalora_export.core import weight_rows  # noqa: E402
 from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter  # noqa: E402
 from qalora_export.formats import get_format  # noqa: E402
 from qalora_export.core.fold import effective_weight, effective_weight_rows  # noqa: E402
-from qalora_export.checkpoint.merged_view import MergedModel  # noqa: E402
+from qalora_export.checkpoint.merged_view import MergedView  # noqa: E402
 from qalora_export.core.record import QuantizedLinear, contiguous_g_idx  # noqa: E402
 from qalora_export.verify import weight_report  # noqa: E402
 
@@ -72,13 +72,13 @@ def artifacts(tmp_path_factory) -> dict:
     act = tiny_models.make_tiny_base(root / "act", bits=4, group_size=32, act_order=True)
     act_adapter = tiny_models.make_random_adapter(act, root / "act-adapter")
     out["onnx"] = (act, act_adapter, root / "onnx")
-    get_format("onnx").export(MergedModel.open(act, act_adapter), root / "onnx", zero_points="split")
+    get_format("onnx").export(MergedView.open(act, act_adapter), root / "onnx", zero_points="split")
     bpe = gguf_helpers.make_bpe_base(root / "bpe", bits=4, group_size=32)
     bpe_adapter = tiny_models.make_random_adapter(bpe, root / "bpe-adapter")
     out["gguf"] = (bpe, bpe_adapter, root / "model.gguf")
-    get_format("gguf").export(MergedModel.open(bpe, bpe_adapter), root / "model.gguf")
+    get_format("gguf").export(MergedView.open(bpe, bpe_adapter), root / "model.gguf")
     out["gptq"] = (bpe, bpe_adapter, root / "gptq")
-    get_format("gptq").export(MergedModel.open(bpe, bpe_adapter), root / "gptq")
+    get_format("gptq").export(MergedView.open(bpe, bpe_adapter), root / "gptq")
     return out
 
 
@@ -100,7 +100,7 @@ def test_reader_row_blocks_equal_rows_of_the_whole(artifacts, fmt):
 def test_weight_report_in_row_blocks_equals_one_block(artifacts, fmt, monkeypatch):
     base, adapter, path = artifacts[fmt]
     converter = get_format(fmt)
-    one_block = weight_report(MergedModel.open(base, adapter), converter, path)
+    one_block = weight_report(MergedView.open(base, adapter), converter, path)
     monkeypatch.setattr(weight_rows, "ROW_BLOCK_BYTES", 3 * 8 * 128)  # a few rows of the widest layer
     decoded_rows = []
     real = converter.read_weight_rows
@@ -113,6 +113,6 @@ def test_weight_report_in_row_blocks_equals_one_block(artifacts, fmt, monkeypatc
             yield name, weight_rows.WeightRows(rows.shape, decode)
 
     monkeypatch.setattr(converter, "read_weight_rows", spy)
-    blocks = weight_report(MergedModel.open(base, adapter), converter, path)
+    blocks = weight_report(MergedView.open(base, adapter), converter, path)
     assert blocks == one_block and one_block["passed"]
     assert decoded_rows and max(decoded_rows) <= 8  # never a whole layer (64..256 rows) at once

@@ -14,7 +14,7 @@ import tiny_models
 from qalora_export.cli import EXIT_VERIFY_FAILED, main
 from qalora_export.formats.gguf import FORMAT as G
 from qalora_export.errors import RuntimeCrashError
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.formats.gguf import runtime as llamacpp
 
 # Imported at start-up by every child interpreter whose PYTHONPATH starts with its directory:
@@ -32,7 +32,7 @@ def gguf_artifact(tmp_path_factory) -> tuple[Path, Path, Path]:
     base = gguf_helpers.make_bpe_base(root / "base")
     adapter = tiny_models.make_random_adapter(base, root / "adapter")
     out = root / "model.gguf"
-    G.export(MergedModel.open(base, adapter), out)
+    G.export(MergedView.open(base, adapter), out)
     return base, adapter, out
 
 

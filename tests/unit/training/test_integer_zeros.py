@@ -14,7 +14,7 @@ from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.core.fold import effective_weight, fold_into_zero_points, round_zero_shift
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.checkpoint.gptq_config import zero_range
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.modeling.model import build_model, qalora_modules
 from qalora_export.training.config import TrainConfig
 from qalora_export.training.train import train_adapter
@@ -70,7 +70,7 @@ def test_integer_zero_adapter_merges_exactly_into_gptq(integer_run):
     assert layers and all(m.integer_zeros for m in layers.values())
 
     out = root / "merged"
-    gptq_converter.export(MergedModel.open(base, adapter_dir), out, require_exact=True)
+    gptq_converter.export(MergedView.open(base, adapter_dir), out, require_exact=True)
     merged = GPTQCheckpoint(out)
     ckpt = GPTQCheckpoint(base)
     moved = 0

@@ -5,20 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf_helpers
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import gguf_helpers
-import tiny_models
+from qalora_export.checkpoint.merged_view import MergedView
+from qalora_export.errors import (
+    ConfigError,
+    FormatLimitError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
 from qalora_export.formats.gguf import FORMAT as G
-from qalora_export.formats.gguf import spec as gguf_spec_mod
-from qalora_export.formats.gguf import read as gguf_read
-from qalora_export.formats.gguf import verify as gguf_verify
 from qalora_export.formats.gguf import container, spec
-from qalora_export.errors import ConfigError, FormatLimitError, OutputExistsError, UnsupportedModelError
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.formats.gguf import read as gguf_read
 from qalora_export.formats.gguf import runtime as llamacpp
+from qalora_export.formats.gguf import spec as gguf_spec_mod
+from qalora_export.formats.gguf import verify as gguf_verify
 
 PROMPTS = [[1, 40, 77, 100, 200, 30, 31, 250], [10, 20, 30, 40, 50, 60, 70, 80, 90, 300, 5]]
 
@@ -34,8 +39,8 @@ def adapter(base, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged(base, adapter) -> MergedModel:
-    return MergedModel.open(base, adapter)
+def merged(base, adapter) -> MergedView:
+    return MergedView.open(base, adapter)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +170,7 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path, pre):
 
     base = gguf_helpers.make_bpe_base(tmp_path / "base", pre=pre)
     out = tmp_path / "m.gguf"
-    assert G.export(MergedModel.open(base), out)["tokenizer"]["pre"] == pre
+    assert G.export(MergedView.open(base), out)["tokenizer"]["pre"] == pre
     hf = AutoTokenizer.from_pretrained(str(base))
     for text in TEXTS:
         assert llamacpp.tokenize(out, text, parse_special=True) == hf(text, add_special_tokens=False)["input_ids"], text
@@ -174,7 +179,7 @@ def test_llama_cpp_tokenizes_like_transformers(tmp_path, pre):
 def test_tied_embeddings_write_no_output_tensor(tmp_path):
     base = gguf_helpers.make_bpe_base(tmp_path / "base", tie_embeddings=True)
     out = tmp_path / "tied.gguf"
-    G.export(MergedModel.open(base), out)
+    G.export(MergedView.open(base), out)
     names = {t.name for t in _reader(out).tensors}
     assert "output.weight" not in names and "token_embd.weight" in names
     [logits] = llamacpp.run_logits(out, PROMPTS[:1])
@@ -215,9 +220,9 @@ def test_runtime_detects_a_wrong_fold(merged, base, tmp_path):
         layers={n: AdapterLayer(l.lora_A * 6, l.lora_B * 6) for n, l in merged.adapter.layers.items()},
         rank=merged.adapter.rank, alpha=merged.adapter.alpha, pooling=merged.adapter.pooling,
         pool_group_size=merged.adapter.pool_group_size, pool_groups=merged.adapter.pool_groups)
-    model = MergedModel(merged.base, strong, check_fingerprint=False)
+    model = MergedView(merged.base, strong, check_fingerprint=False)
     wrong = tmp_path / "base-only.gguf"
-    G.export(MergedModel(merged.base, None), wrong)
+    G.export(MergedView(merged.base, None), wrong)
     result = gguf_verify.verify_runtime(model, wrong, PROMPTS, tmp_path / "w", n_new=2)
     assert not result["passed"]
     assert result["artifact"]["mean_kl"] > result["allowed_mean_kl"]
@@ -239,7 +244,7 @@ def _edit_config(base: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-def _f32_kl(model: MergedModel, tmp_path: Path) -> float:
+def _f32_kl(model: MergedView, tmp_path: Path) -> float:
     from qalora_export.runtimes.compare import compare_logits
 
     out = tmp_path / "f32.gguf"
@@ -255,13 +260,13 @@ def _f32_kl(model: MergedModel, tmp_path: Path) -> float:
 ])
 def test_rope_scaling_matches_transformers(base, tmp_path, rope):
     scaled = _edit_config(base, tmp_path / "scaled", rope_parameters=rope)
-    assert _f32_kl(MergedModel.open(scaled), tmp_path) < 1e-6
+    assert _f32_kl(MergedView.open(scaled), tmp_path) < 1e-6
 
 
 def test_mistral_runs_as_llama(base, tmp_path):
     mistral = _edit_config(base, tmp_path / "mistral", model_type="mistral", sliding_window=None,
                            architectures=["MistralForCausalLM"])
-    assert _f32_kl(MergedModel.open(mistral), tmp_path) < 1e-6
+    assert _f32_kl(MergedView.open(mistral), tmp_path) < 1e-6
 
 
 # ----------------------------------------------------------------------------------- refusals
@@ -284,7 +289,7 @@ def test_no_partial_file_when_a_layer_fails(merged, tmp_path, monkeypatch):
         calls.append(name)
         if len(calls) == 5:
             raise RuntimeError("disk on fire")
-        return MergedModel.read_layer(merged, name, **kwargs)
+        return MergedView.read_layer(merged, name, **kwargs)
 
     monkeypatch.setattr(merged, "read_layer", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -300,14 +305,14 @@ def test_no_partial_file_when_a_layer_fails(merged, tmp_path, monkeypatch):
 def test_refuses_what_q4_1_cannot_hold(tmp_path, kwargs, match):
     base = gguf_helpers.make_bpe_base(tmp_path / "base", **kwargs)
     with pytest.raises(FormatLimitError, match=match):
-        G.export(MergedModel.open(base), tmp_path / "z.gguf")
+        G.export(MergedView.open(base), tmp_path / "z.gguf")
     assert not (tmp_path / "z.gguf").exists() and not list(tmp_path.glob(".z.gguf*"))
 
 
 @pytest.mark.parametrize("bits", [2, 3])
 def test_low_bit_codes_fit_q4_1(tmp_path, bits):
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=bits)
-    model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "ad"))
+    model = MergedView.open(base, tiny_models.make_random_adapter(base, tmp_path / "ad"))
     G.export(model, tmp_path / "low.gguf")
     for name, w in G.read_weights(tmp_path / "low.gguf"):
         ref = model.reference_weight(name)
@@ -317,18 +322,18 @@ def test_low_bit_codes_fit_q4_1(tmp_path, bits):
 def test_refuses_unsupported_architecture_and_rope(base, tmp_path):
     qwen = _edit_config(base, tmp_path / "qwen", model_type="qwen2")
     with pytest.raises(UnsupportedModelError, match="model_type 'qwen2'"):
-        G.export(MergedModel.open(qwen), tmp_path / "q.gguf")
+        G.export(MergedView.open(qwen), tmp_path / "q.gguf")
     yarn = _edit_config(base, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                   "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="rope scaling 'yarn'"):
-        G.export(MergedModel.open(yarn), tmp_path / "y.gguf")
+        G.export(MergedView.open(yarn), tmp_path / "y.gguf")
     assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_refuses_tokenizer_gguf_cannot_express(tmp_path):
     base = tiny_models.make_tiny_base(tmp_path / "wordlevel")  # WordLevel tokenizer
     with pytest.raises(UnsupportedModelError, match="WordLevel"):
-        G.export(MergedModel.open(base), tmp_path / "w.gguf")
+        G.export(MergedView.open(base), tmp_path / "w.gguf")
     assert not (tmp_path / "w.gguf").exists()
 
 
@@ -367,7 +372,7 @@ def test_attention_biases_are_permuted_like_rows(tmp_path):
     net.save_pretrained(str(tmp_path / "float"))
     quantize_model(tmp_path / "float", tmp_path / "base", 4, 32, "gptq_v2")
     gguf_helpers.make_tiny_bpe_tokenizer(tmp_path / "base")
-    model = MergedModel.open(tmp_path / "base")
+    model = MergedView.open(tmp_path / "base")
     assert "model.layers.0.self_attn.q_proj.bias" in model.base.tensor_files
     assert _f32_kl(model, tmp_path) < 1e-6
     out = tmp_path / "q.gguf"

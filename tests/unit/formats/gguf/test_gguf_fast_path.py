@@ -8,19 +8,19 @@ exports (v1 and v2 checkpoints) with an export forced through the original path,
 
 from __future__ import annotations
 
+import gguf_helpers
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import gguf_helpers
-import tiny_models
+from qalora_export.checkpoint.merged_view import MergedView
+from qalora_export.core.packing import pack_codes
+from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 from qalora_export.formats.gguf import FORMAT as G
 from qalora_export.formats.gguf import encode as gguf_encode
 from qalora_export.formats.gguf import plan as gguf_plan
 from qalora_export.formats.gguf import spec as spec
-from qalora_export.checkpoint.merged_view import MergedModel
-from qalora_export.core.packing import pack_codes
-from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -72,7 +72,7 @@ def test_encode_from_qweight_equals_encode_from_codes(bits, group_size, permuted
         assert fast_stats == slow_stats
 
 
-def _slow_path(monkeypatch, model: MergedModel) -> None:
+def _slow_path(monkeypatch, model: MergedView) -> None:
     """Route ``model``'s export through the original path: the record with its codes unpacked
     (``read_layer``), then ``pack_q4_1``."""
     real_encode = gguf_encode.encode_q4_1
@@ -92,9 +92,9 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
                                       hidden=128, intermediate=256, seed=bits + group_size)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4, seed=group_size)
     monkeypatch.setattr(gguf_encode, "Q4_1_ROW_BLOCK_BYTES", 5000)  # several uneven row blocks a layer
-    fast = G.export(MergedModel.open(base, adapter), tmp_path / "fast.gguf")
+    fast = G.export(MergedView.open(base, adapter), tmp_path / "fast.gguf")
     with monkeypatch.context() as patched:
-        slow_model = MergedModel.open(base, adapter)
+        slow_model = MergedView.open(base, adapter)
         _slow_path(patched, slow_model)
         slow = G.export(slow_model, tmp_path / "slow.gguf")
     assert fast["quantized_tensors"] == slow["quantized_tensors"] == 14
@@ -105,7 +105,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
 def test_fast_path_reads_no_codes(tmp_path, monkeypatch):
     """The export never unpacks a layer's codes through read_layer (the point of the fast path)."""
     base = gguf_helpers.make_bpe_base(tmp_path / "base", bits=4, group_size=32)
-    model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
+    model = MergedView.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
     unpacked = []
     real = type(model.base).read_layer
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf_helpers
 import numpy as np
 import pytest
-
-import gguf_helpers
 import tiny_models
+
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.cli import EXIT_OK, main
-from qalora_export.formats.gguf import FORMAT as G
-from qalora_export.formats.gguf import read as gguf_read
-from qalora_export.formats.gguf import container
 from qalora_export.errors import CheckpointError, OutputExistsError
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import container
+from qalora_export.formats.gguf import read as gguf_read
 from qalora_export.formats.gguf import runtime as llamacpp
 from qalora_export.verify import weight_report
 
@@ -40,8 +40,8 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 def exports(model_dirs, tmp_path_factory) -> dict:
     base, adapter = model_dirs
     out = tmp_path_factory.mktemp("gguf-split-out")
-    single = G.export(MergedModel.open(base, adapter), out / "single" / "model.gguf")
-    split = G.export(MergedModel.open(base, adapter), out / "split" / "model.gguf", split_max_bytes=SPLIT_BYTES)
+    single = G.export(MergedView.open(base, adapter), out / "single" / "model.gguf")
+    split = G.export(MergedView.open(base, adapter), out / "split" / "model.gguf", split_max_bytes=SPLIT_BYTES)
     return {"single": single, "split": split, "dir": out}
 
 
@@ -76,7 +76,7 @@ def test_split_tensors_equal_the_single_file(exports, model_dirs):
     decoded = dict(G.read_weights(first))  # verify's reader follows the splits
     assert decoded.keys() == dict(G.read_weights(exports["single"]["path"])).keys()
     base, adapter = model_dirs
-    report = weight_report(MergedModel.open(base, adapter), G, Path(first))
+    report = weight_report(MergedView.open(base, adapter), G, Path(first))
     assert report["passed"] and not report["missing_layers"] and report["layers_checked"] == 14
     assert gguf_read.read_file_types(first) == gguf_read.read_file_types(exports["single"]["path"])
 
@@ -91,7 +91,7 @@ def test_llama_cpp_loads_the_split_model_from_its_first_file(exports):
 def test_a_model_that_fits_is_one_plain_file(exports, model_dirs):
     base, adapter = model_dirs
     out = exports["dir"] / "fits" / "model.gguf"
-    summary = G.export(MergedModel.open(base, adapter), out, split_max_bytes=1 << 30)
+    summary = G.export(MergedView.open(base, adapter), out, split_max_bytes=1 << 30)
     assert summary["files"] == [str(out)] and list(out.parent.iterdir()) == [out]
     assert out.read_bytes() == Path(exports["single"]["path"]).read_bytes()
 
@@ -99,15 +99,15 @@ def test_a_model_that_fits_is_one_plain_file(exports, model_dirs):
 def test_existing_split_files_are_refused_and_nothing_is_written(model_dirs, tmp_path):
     base, adapter = model_dirs
     out = tmp_path / "model.gguf"
-    first = G.export(MergedModel.open(base, adapter), out, split_max_bytes=SPLIT_BYTES)["files"]
+    first = G.export(MergedView.open(base, adapter), out, split_max_bytes=SPLIT_BYTES)["files"]
     second = Path(first[1])
     second.write_bytes(b"keep me")
     for f in first[:1] + first[2:]:
         Path(f).unlink()
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        G.export(MergedModel.open(base, adapter), out, split_max_bytes=SPLIT_BYTES)
+        G.export(MergedView.open(base, adapter), out, split_max_bytes=SPLIT_BYTES)
     assert sorted(p.name for p in tmp_path.iterdir()) == [second.name] and second.read_bytes() == b"keep me"
-    G.export(MergedModel.open(base, adapter), out, split_max_bytes=SPLIT_BYTES, overwrite=True)
+    G.export(MergedView.open(base, adapter), out, split_max_bytes=SPLIT_BYTES, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(f).name for f in first)
 
 
@@ -138,5 +138,5 @@ def test_a_non_positive_split_size_is_refused(model_dirs, tmp_path):
 
     base, adapter = model_dirs
     with pytest.raises(ConfigError, match="--split-max-size 0 must be a positive number of bytes"):
-        G.export(MergedModel.open(base, adapter), tmp_path / "m.gguf", split_max_bytes=0)
+        G.export(MergedView.open(base, adapter), tmp_path / "m.gguf", split_max_bytes=0)
     assert list(tmp_path.iterdir()) == []

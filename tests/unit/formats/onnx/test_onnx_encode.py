@@ -8,10 +8,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
+from qalora_export.errors import FormatLimitError
 from qalora_export.formats.onnx import encode as onnx_encode
 from qalora_export.formats.onnx import spec as spec
-from qalora_export.errors import FormatLimitError
-from qalora_export.core.record import QuantizedLinear, contiguous_g_idx
 
 
 def _record(bits, group_size, groups, out, act_order, fractional, seed) -> QuantizedLinear:

@@ -7,16 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
+from qalora_export.checkpoint.merged_view import MergedView
+from qalora_export.errors import (
+    FormatLimitError,
+    OutputExistsError,
+    UnsupportedModelError,
+)
 from qalora_export.formats.onnx import read as onnx_read
 from qalora_export.formats.onnx import spec as onnx_spec
+from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx import verify as onnx_verify
 from qalora_export.formats.onnx import write as onnx_write
-from qalora_export.formats.onnx import spec as spec
-from qalora_export.errors import FormatLimitError, OutputExistsError, UnsupportedModelError
-from qalora_export.checkpoint.merged_view import MergedModel
 
 # Prompts free of the tiny tokenizer's special ids (pad = 3 is masked by onnxruntime-genai).
 PROMPTS = [[1, 5, 9, 20, 33, 4, 7, 61, 12], [1, 100, 5, 6], [40]]
@@ -41,7 +45,7 @@ def make_pair(tmp_path_factory):
     return make
 
 
-def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
+def _weight_errors(model: MergedView, out: Path) -> dict[str, float]:
     errors = {}
     for name, decoded in onnx_read.read_weights(out):
         reference = model.reference_weight(name)
@@ -54,7 +58,7 @@ def _weight_errors(model: MergedModel, out: Path) -> dict[str, float]:
                          [(2, 32, "float"), (2, 16, "split"), (3, 64, "float"), (3, 32, "split"),
                           (4, 16, "float"), (4, 32, "split")])
 def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size, zero_points):
-    model = MergedModel.open(*make_pair(bits, group_size))
+    model = MergedView.open(*make_pair(bits, group_size))
     out = tmp_path / "onnx"
     summary = onnx_write.export(model, out, zero_points=zero_points)
     assert summary["exact"] and summary["container_bits"] == spec.container_bits(bits)
@@ -75,7 +79,7 @@ def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size,
 def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
     import onnx
 
-    model = MergedModel.open(*make_pair(4, 32))
+    model = MergedView.open(*make_pair(4, 32))
     out = tmp_path / "onnx"
     onnx_write.export(model, out)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
@@ -94,7 +98,7 @@ def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
 
 
 def test_tied_embeddings(make_pair, tmp_path):
-    model = MergedModel.open(*make_pair(4, 32, tie_embeddings=True))
+    model = MergedView.open(*make_pair(4, 32, tie_embeddings=True))
     out = tmp_path / "onnx"
     onnx_write.export(model, out)
     # a prompt holding pad_token_id (3), which onnxruntime-genai masks: genai is compared without it
@@ -106,7 +110,7 @@ def test_tied_embeddings(make_pair, tmp_path):
 
 @pytest.mark.parametrize("zero_points", ["float", "split"])
 def test_act_order_is_permuted_exactly(make_pair, tmp_path, zero_points):
-    model = MergedModel.open(*make_pair(4, 32, act_order=True))
+    model = MergedView.open(*make_pair(4, 32, act_order=True))
     out = tmp_path / "onnx"
     summary = onnx_write.export(model, out, zero_points=zero_points)
     assert summary["act_order_permuted_layers"] == len(model.quantized_modules)
@@ -116,7 +120,7 @@ def test_act_order_is_permuted_exactly(make_pair, tmp_path, zero_points):
 
 
 def test_uint8_zero_points_exact_when_integral(make_pair, tmp_path):
-    model = MergedModel.open(*make_pair(4, 32, integral=True, intermediate=64))
+    model = MergedView.open(*make_pair(4, 32, integral=True, intermediate=64))
     out = tmp_path / "onnx"
     summary = onnx_write.export(model, out, zero_points="uint8")
     assert summary["exact"] and summary["max_weight_error"] == 0.0
@@ -126,7 +130,7 @@ def test_uint8_zero_points_exact_when_integral(make_pair, tmp_path):
 
 
 def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
-    model = MergedModel.open(*make_pair(4, 32))
+    model = MergedView.open(*make_pair(4, 32))
     out = tmp_path / "onnx"
     with pytest.raises(FormatLimitError, match="--allow-rounding") as exc:
         onnx_write.export(model, out, zero_points="uint8")
@@ -145,14 +149,14 @@ def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
 def test_eight_bit(make_pair, tmp_path):
     base, adapter = make_pair(8, 32)
     with pytest.raises(FormatLimitError, match="--zero-points split"):
-        onnx_write.export(MergedModel.open(base), tmp_path / "float")
-    merged = MergedModel.open(base, adapter)  # fractional zeros: exact through the split residual
+        onnx_write.export(MergedView.open(base), tmp_path / "float")
+    merged = MergedView.open(base, adapter)  # fractional zeros: exact through the split residual
     summary = onnx_write.export(merged, tmp_path / "split", zero_points="split")
     assert summary["exact"] and summary["container_bits"] == 8
     assert max(_weight_errors(merged, tmp_path / "split").values()) <= onnx_spec.WEIGHT_TOLERANCE
     report = onnx_verify.verify_runtime(merged, tmp_path / "split", PROMPTS[:1], tmp_path / "work-split")
     assert report["passed"], report["checks"]
-    model = MergedModel.open(base)  # no adapter: integral zero-points
+    model = MergedView.open(base)  # no adapter: integral zero-points
     out = tmp_path / "onnx"
     summary = onnx_write.export(model, out, zero_points="uint8")
     assert summary["exact"] and summary["container_bits"] == 8
@@ -164,7 +168,7 @@ def test_eight_bit(make_pair, tmp_path):
 def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
     from qalora_export.formats.onnx import runtime as onnxrt
 
-    model = MergedModel.open(*make_pair(4, 32))
+    model = MergedView.open(*make_pair(4, 32))
     out4 = tmp_path / "acc4"
     onnx_write.export(model, out4, accuracy_level=4)
     assert onnxrt.accuracy_levels(out4) == {4}
@@ -184,7 +188,7 @@ def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
 
 def test_refusals(make_pair, tmp_path):
     base, adapter = make_pair(4, 32)
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     out = tmp_path / "onnx"
     out.mkdir()
     with pytest.raises(OutputExistsError, match="--overwrite"):
@@ -202,6 +206,6 @@ def test_group_size_onnxruntime_cannot_run(tmp_path):
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=8)
     out = tmp_path / "onnx"
     with pytest.raises(FormatLimitError, match="group size 8"):
-        onnx_write.export(MergedModel.open(base), out)
+        onnx_write.export(MergedView.open(base), out)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output left

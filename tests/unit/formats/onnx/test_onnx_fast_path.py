@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
-from qalora_export.formats.onnx import encode as onnx_encode
-from qalora_export.formats.onnx import write as onnx_write
-from qalora_export.formats.onnx import spec as spec
-from qalora_export.checkpoint.merged_view import MergedModel
+from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.core.packing import pack_codes, unpack_codes
+from qalora_export.formats.onnx import encode as onnx_encode
+from qalora_export.formats.onnx import spec as spec
+from qalora_export.formats.onnx import write as onnx_write
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -126,7 +126,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=bits, group_size=group_size, act_order=act_order,
                                       checkpoint_format=fmt, hidden=128, intermediate=256, seed=bits + group_size)
     adapter = tiny_models.make_random_adapter(base, tmp_path / "adapter", rank=4, seed=group_size)
-    model = MergedModel.open(base, adapter)
+    model = MergedView.open(base, adapter)
     # uint8 zero-points hold only integral zeros: round and report (the rounding report reads max |W|)
     options = {"zero_points": zero_points, "allow_rounding": zero_points == "uint8"}
     monkeypatch.setattr(spec, "B_ROW_BLOCK_BYTES", 1000)  # B written in several uneven row blocks
@@ -134,7 +134,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
     assert fast["max_weight_rel_error"] > 0  # the max |W| report is exercised
     with monkeypatch.context() as patched:
         _slow_path(patched)
-        slow = onnx_write.export(MergedModel.open(base, adapter), tmp_path / "slow", **options)
+        slow = onnx_write.export(MergedView.open(base, adapter), tmp_path / "slow", **options)
     assert fast["act_order_permuted_layers"] == slow["act_order_permuted_layers"] == (7 * 2 if act_order else 0)
     _assert_same_files(tmp_path / "fast", tmp_path / "slow")
 
@@ -142,7 +142,7 @@ def test_fast_export_is_byte_identical_to_the_unpacking_path(tmp_path, monkeypat
 def test_fast_path_reads_no_codes(tmp_path, monkeypatch):
     """Relayable layers never unpack their codes (the point of the fast path)."""
     base = tiny_models.make_tiny_base(tmp_path / "base", bits=4, group_size=32)
-    model = MergedModel.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
+    model = MergedView.open(base, tiny_models.make_random_adapter(base, tmp_path / "adapter"))
     unpacked = []
     real = type(model.base).read_layer
 

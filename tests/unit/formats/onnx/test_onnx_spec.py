@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qalora_export.formats.onnx import spec as spec
 from qalora_export.errors import FormatLimitError
+from qalora_export.formats.onnx import spec as spec
 
 
 @st.composite
