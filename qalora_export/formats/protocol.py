@@ -4,13 +4,14 @@ The rest of the tool (cli, verify, inspect, plan) holds no format names: it loop
 registry (:mod:`qalora_export.formats`) and calls these members. A format package keeps its stages
 in files of their own (``spec`` layout as data, ``encode``, ``write``, ``read``, ``verify`` with
 its runtime driver) and exposes one object, ``FORMAT``, that implements this protocol by
-delegating to them; its ``__init__`` imports nothing heavy, so looping over the registry (e.g. to
+delegating to them (:class:`StagedFormat` does it by stage name); its ``__init__`` imports nothing heavy, so looping over the registry (e.g. to
 detect an artifact's format) costs no runtime import.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union, runtime_checkable
@@ -92,19 +93,59 @@ class Format(Protocol):
         """Approximate tensor bytes of an export of a model with this ``config.json`` (for plans)."""
 
 
-class FormatDefaults:
-    """Defaults a format may inherit: no merge metadata, the declared layer is the exact fold, whole
-    weights assembled from the row reader."""
+class StagedFormat:
+    """The protocol's reading, writing and verifying members, implemented by calling the format
+    package's stage modules by name, each imported on first use (so looping over the registry
+    imports no container library and no runtime):
 
-    def merge_metadata(self, path: Path) -> dict:
-        return {}
+    ====================  ==================================================================
+    member                stage
+    ====================  ==================================================================
+    ``weight_tolerance``  ``spec.WEIGHT_TOLERANCE``
+    ``export``            ``write.export(model, out, **options)``
+    ``read_weights``      ``read.read_weights(path)``
+    ``read_weight_rows``  ``read.read_weight_rows(path)``
+    ``merge_metadata``    ``read.merge_metadata(path)``; ``{}`` for a format that records none
+    ``declared_layer``    ``read.declared_layer(model, name, meta)``; else the exact fold
+    ``verify_runtime``    ``verify.verify_runtime(model, artifact, prompts, workdir, device=device)``
+    ``inspect``           ``read.inspect(path)``
+    ====================  ==================================================================
 
-    def declared_layer(self, model: "MergedView", name: str, meta: dict) -> "QuantizedLinear":
-        return model.read_layer(name)[0]
+    A format subclasses it in its package's ``__init__`` and adds the members that are data or
+    argument parsing (name, options, ``detect``, ``output_bytes``).
+    """
+
+    def _stage(self, module: str, name: str, default=None):
+        """``<format package>.<module>.<name>`` (``default`` when the stage does not define it)."""
+        return getattr(importlib.import_module(f"{type(self).__module__}.{module}"), name, default)
+
+    @property
+    def weight_tolerance(self) -> WeightTolerance:
+        return self._stage("spec", "WEIGHT_TOLERANCE")
+
+    def export(self, model: "MergedView", out: Path, **options) -> dict:
+        return self._stage("write", "export")(model, out, **options)
 
     def read_weights(self, path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
-        for name, rows in self.read_weight_rows(path):  # type: ignore[attr-defined]
-            yield name, rows.rows(0, rows.shape[0])
+        return self._stage("read", "read_weights")(path)
+
+    def read_weight_rows(self, path: Path) -> Iterator[tuple[str, "WeightRows"]]:
+        return self._stage("read", "read_weight_rows")(path)
+
+    def merge_metadata(self, path: Path) -> dict:
+        read = self._stage("read", "merge_metadata")
+        return read(path) if read is not None else {}
+
+    def declared_layer(self, model: "MergedView", name: str, meta: dict) -> "QuantizedLinear":
+        declared = self._stage("read", "declared_layer")
+        return declared(model, name, meta) if declared is not None else model.read_layer(name)[0]
+
+    def verify_runtime(self, model: "MergedView", artifact: Path, prompts: list[list[int]], workdir: Path,
+                       device: str) -> dict:
+        return self._stage("verify", "verify_runtime")(model, artifact, prompts, workdir, device=device)
+
+    def inspect(self, path: Path) -> dict:
+        return self._stage("read", "inspect")(path)
 
 
 def parse_byte_size(text: str) -> int:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from qalora_export.extras import Requirement
 from qalora_export.formats.gguf.runtime import RUNTIME
-from qalora_export.formats.protocol import FormatDefaults, MemoryModel, parse_byte_size
+from qalora_export.formats.protocol import MemoryModel, StagedFormat, parse_byte_size
 
 
-class GGUF(FormatDefaults):
+class GGUF(StagedFormat):
     name = "gguf"
     help = "a llama.cpp GGUF with Q4_1 blocks"
     has_verb = True
@@ -34,12 +34,6 @@ class GGUF(FormatDefaults):
     holds_float_zeros = True
     writes_shards = False
 
-    @property
-    def weight_tolerance(self) -> float:
-        from qalora_export.formats.gguf.spec import WEIGHT_TOLERANCE
-
-        return WEIGHT_TOLERANCE
-
     def detect(self, path: Path) -> bool:
         return Path(path).is_file() and Path(path).suffix == ".gguf"
 
@@ -54,31 +48,6 @@ class GGUF(FormatDefaults):
 
     def options_from_args(self, args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         return {"embeddings": args.embeddings, "split_max_bytes": args.split_max_size}
-
-    def export(self, model, out: Path, **options) -> dict:
-        from qalora_export.formats.gguf.write import export
-
-        return export(model, out, **options)
-
-    def read_weights(self, path: Path) -> Iterator:
-        from qalora_export.formats.gguf.read import read_weights
-
-        return read_weights(path)
-
-    def read_weight_rows(self, path: Path) -> Iterator:
-        from qalora_export.formats.gguf.read import read_weight_rows
-
-        return read_weight_rows(path)
-
-    def verify_runtime(self, model, artifact: Path, prompts: list[list[int]], workdir: Path, device: str) -> dict:
-        from qalora_export.formats.gguf.verify import verify_runtime
-
-        return verify_runtime(model, artifact, prompts, workdir)  # llama.cpp runs on the CPU
-
-    def inspect(self, path: Path) -> dict:
-        from qalora_export.formats.gguf.read import inspect_file
-
-        return inspect_file(path)
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Q4_1 (20 bytes per 32 weights) plus fp16 embeddings and norms."""

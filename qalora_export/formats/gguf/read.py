@@ -160,7 +160,7 @@ def read_file_types(path: Path | str) -> tuple[str, str]:
     return weights, emb
 
 
-def inspect_file(path: Path) -> dict:
+def inspect(path: Path) -> dict:
     """``inspect`` of a GGUF file: tensor types and the main metadata keys."""
     from gguf import GGUFReader
 

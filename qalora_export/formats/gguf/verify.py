@@ -93,7 +93,7 @@ def _compare(ref_logits, ref_greedy, test_logits, test_greedy) -> dict:
 
 
 def verify_runtime(model: MergedView, artifact: Path, prompts: list[list[int]], workdir: Path, *,
-                   n_new: int = 8, n_threads: int = 2) -> dict:
+                   n_new: int = 8, n_threads: int = 2, device: str = "cpu") -> dict:
     """Run the artifact in llama.cpp and judge it against llama.cpp's own noise floor (docs/design.md §4).
 
     Three llama.cpp runs, each compared with the PyTorch model it should equal:
@@ -106,7 +106,8 @@ def verify_runtime(model: MergedView, artifact: Path, prompts: list[list[int]], 
 
     ``passed`` is ``artifact.mean_kl <= KL_FLOOR_FACTOR * floor.mean_kl + KL_EPSILON`` (spec.py).
     Greedy continuations (``n_new`` tokens) are reported, not gated: near-ties flip under activation
-    quantization (docs/design.md §8).
+    quantization (docs/design.md §8). ``device`` is part of the protocol; llama.cpp runs here on the
+    CPU, whatever it says.
     """
     from qalora_export.runtimes.compare import within_floor
 

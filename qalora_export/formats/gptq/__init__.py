@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from qalora_export.extras import Requirement
 from qalora_export.formats.gptq.runtime import RUNTIME
-from qalora_export.formats.protocol import MemoryModel, parse_byte_size
+from qalora_export.formats.protocol import MemoryModel, StagedFormat, parse_byte_size
 
 
-class GPTQ:
+class GPTQ(StagedFormat):
     name = "gptq"
     help = "an AutoGPTQ checkpoint (transformers, GPTQModel, vLLM); fractional zero-points rounded"
     has_verb = False  # ``merge --to gptq``, the default
@@ -33,12 +33,6 @@ class GPTQ:
     memory = MemoryModel(baseline_bytes=320 << 20, bytes_per_weight=0.3, float_tensor_copies=0.0)
     holds_float_zeros = False
     writes_shards = True
-
-    @property
-    def weight_tolerance(self) -> float:
-        from qalora_export.formats.gptq.spec import WEIGHT_TOLERANCE
-
-        return WEIGHT_TOLERANCE
 
     def detect(self, path: Path) -> bool:
         """A directory whose configs carry a GPTQ quantization config (a float model's do not)."""
@@ -76,41 +70,6 @@ class GPTQ:
     def options_from_args(self, args: argparse.Namespace, progress: Callable[[str], None]) -> dict:
         return {"checkpoint_format": args.checkpoint_format, "require_exact": args.require_exact,
                 "clamp_zeros": args.clamp_zeros, "max_shard_bytes": args.max_shard_size, "progress": progress}
-
-    def export(self, model, out: Path, **options) -> dict:
-        from qalora_export.formats.gptq.write import export
-
-        return export(model, out, **options)
-
-    def read_weights(self, path: Path) -> Iterator:
-        from qalora_export.formats.gptq.read import read_weights
-
-        return read_weights(path)
-
-    def read_weight_rows(self, path: Path) -> Iterator:
-        from qalora_export.formats.gptq.read import read_weight_rows
-
-        return read_weight_rows(path)
-
-    def merge_metadata(self, path: Path) -> dict:
-        from qalora_export.formats.gptq.read import merge_metadata
-
-        return merge_metadata(path)
-
-    def declared_layer(self, model, name: str, meta: dict):
-        from qalora_export.formats.gptq.read import declared_layer
-
-        return declared_layer(model, name, meta)
-
-    def verify_runtime(self, model, artifact: Path, prompts: list[list[int]], workdir: Path, device: str) -> dict:
-        from qalora_export.formats.gptq.verify import verify_runtime
-
-        return verify_runtime(model, artifact, prompts, workdir, device=device)
-
-    def inspect(self, path: Path) -> dict:
-        from qalora_export.formats.gptq.read import inspect_checkpoint
-
-        return inspect_checkpoint(path)
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """The input's layout: the codes and scales are copied, zero-points re-encoded in place."""

@@ -57,7 +57,7 @@ def declared_weight(model: MergedView, name: str, artifact_meta: dict) -> torch.
     return declared_layer(model, name, artifact_meta).dequantize(torch.float64)
 
 
-def inspect_checkpoint(path: Path) -> dict:
+def inspect(path: Path) -> dict:
     """``inspect`` of a GPTQ checkpoint: quantization settings, zero range, files, fingerprint."""
     ckpt = GPTQCheckpoint(path)
     zmin, zmax, act_order, params = None, None, False, 0

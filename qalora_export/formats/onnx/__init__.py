@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from qalora_export.extras import Requirement
 from qalora_export.formats.onnx.runtime import RUNTIME
-from qalora_export.formats.protocol import MemoryModel
+from qalora_export.formats.protocol import MemoryModel, StagedFormat
 
 
-class ONNX:
+class ONNX(StagedFormat):
     name = "onnx"
     help = "ONNX with com.microsoft.MatMulNBits (onnxruntime, onnxruntime-genai)"
     has_verb = True
@@ -34,12 +34,6 @@ class ONNX:
     memory = MemoryModel(baseline_bytes=435 << 20, bytes_per_weight=0.6, float_tensor_copies=1.05)
     holds_float_zeros = True
     writes_shards = False
-
-    @property
-    def weight_tolerance(self) -> float:
-        from qalora_export.formats.onnx.spec import WEIGHT_TOLERANCE
-
-        return WEIGHT_TOLERANCE
 
     def detect(self, path: Path) -> bool:
         from qalora_export.formats.onnx.spec import MODEL_FILE
@@ -64,42 +58,10 @@ class ONNX:
             options["allow_rounding"] = True
         return options
 
-    def export(self, model, out: Path, **options) -> dict:
-        from qalora_export.formats.onnx.write import export
-
-        return export(model, out, **options)
-
-    def read_weights(self, path: Path) -> Iterator:
-        from qalora_export.formats.onnx.read import read_weights
-
-        return read_weights(path)
-
-    def read_weight_rows(self, path: Path) -> Iterator:
-        from qalora_export.formats.onnx.read import read_weight_rows
-
-        return read_weight_rows(path)
-
-    def merge_metadata(self, path: Path) -> dict:
-        from qalora_export.formats.onnx.read import merge_metadata
-
-        return merge_metadata(path)
-
-    def declared_layer(self, model, name: str, meta: dict):
-        from qalora_export.formats.onnx.read import declared_layer
-
-        return declared_layer(model, name, meta)
-
-    def verify_runtime(self, model, artifact: Path, prompts: list[list[int]], workdir: Path, device: str) -> dict:
-        from qalora_export.formats.onnx.verify import verify_runtime
-
-        return verify_runtime(model, artifact, prompts, workdir)  # onnxruntime's CPU provider
-
     def inspect(self, path: Path) -> dict:
         from qalora_export.extras import require
-        from qalora_export.formats.onnx.read import inspect_model
-
         require(self.export_requires, f"inspect of the ONNX model {path}")
-        return inspect_model(path)
+        return super().inspect(path)
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Codes in MatMulNBits B (3-bit codes in a 4-bit container), fp32 scales and float zero-points

@@ -216,7 +216,7 @@ def _int_attr(attrs: dict, name: str, node: str, out_dir: Path) -> int:
     return value
 
 
-def inspect_model(path: Path) -> dict:
+def inspect(path: Path) -> dict:
     """``inspect`` of an ONNX directory: nodes, MatMulNBits attributes, inputs and outputs."""
     import onnx
 

@@ -40,7 +40,7 @@ def _retie(check: dict, tie_limit: float) -> dict:
 
 
 def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Path,
-                   max_new_tokens: int = 8) -> dict:
+                   max_new_tokens: int = 8, device: str = "cpu") -> dict:
     """Run the artifact in onnxruntime (accuracy level 0) and onnxruntime-genai against the
     unmerged PyTorch model ``build_model(model.base, model.adapter)``.
 
@@ -50,7 +50,8 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     continuation. An artifact exported at another accuracy level runs through a level-0 view
     in ``workdir`` (same weights). ``passed`` applies the tolerances of ``spec``: a top-1 or
     greedy disagreement passes only at a near-tie (reference top-2 margin within
-    ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|).
+    ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|). ``device`` is part of the protocol;
+    onnxruntime runs here on its CPU provider, whatever it says.
     """
     from qalora_export.formats.onnx import runtime as onnxrt
     from qalora_export.modeling.model import build_model
