@@ -23,12 +23,7 @@ from typing import Optional
 
 import torch
 
-from qalora_export.checkpoint.gptq_config import (
-    STORED_ZERO_OFFSET,
-    THREE_BIT_WIDTH_MULTIPLE,
-    GPTQConfig,
-    zero_range,
-)
+from qalora_export.checkpoint.gptq_config import STORED_ZERO_OFFSET, THREE_BIT_WIDTH_MULTIPLE, GPTQConfig, zero_range
 from qalora_export.core.packing import cycle_codes, pack_codes, unpack_codes
 from qalora_export.core.record import QuantizedLinear, all_finite
 from qalora_export.errors import CheckpointError, ConfigError, FormatLimitError

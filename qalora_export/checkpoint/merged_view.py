@@ -18,12 +18,7 @@ import torch
 from qalora_export.checkpoint.adapter_files import load_adapter
 from qalora_export.checkpoint.gptq import GPTQCheckpoint
 from qalora_export.core.adapter import QALoRAAdapter
-from qalora_export.core.fold import (
-    FoldStats,
-    effective_weight,
-    effective_weight_rows,
-    fold_into_zero_points,
-)
+from qalora_export.core.fold import FoldStats, effective_weight, effective_weight_rows, fold_into_zero_points
 from qalora_export.core.record import QuantizedLinear
 from qalora_export.errors import AdapterError
 

@@ -9,15 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from qalora_export.cli.terminal import (
-    EXIT_OK,
-    EXIT_VERIFY_FAILED,
-    Progress,
-    err,
-    note,
-    print_summary,
-    say,
-)
+from qalora_export.cli.terminal import EXIT_OK, EXIT_VERIFY_FAILED, Progress, err, note, print_summary, say
 
 
 def cmd_quantize(args) -> int:

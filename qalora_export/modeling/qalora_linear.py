@@ -171,9 +171,7 @@ class QALoRALinear(nn.Module):
                                            None if self.bias is None else self.bias.to(self.compute_dtype))
             return y.to(x.dtype)
         if self.use_kernels != "never" and kernels_selected(self.use_kernels, self.qweight, x):
-            from qalora_export.modeling.kernels.fused_linear import (
-                qalora_forward,  # imports triton
-            )
+            from qalora_export.modeling.kernels.fused_linear import qalora_forward  # imports triton
 
             return qalora_forward(self, x)
         w = self._weight_cache if self._weight_cache is not None else self.dequantized_weight(self.compute_dtype)

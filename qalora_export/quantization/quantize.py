@@ -21,11 +21,7 @@ import torch
 
 from qalora_export.checkpoint.float_source import open_float_model
 from qalora_export.checkpoint.gptq_codec import encode_layer
-from qalora_export.checkpoint.gptq_config import (
-    CHECKPOINT_FORMATS,
-    GPTQConfig,
-    zero_range,
-)
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, GPTQConfig, zero_range
 from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
 from qalora_export.core.record import check_quant_args, quantize_rtn
 from qalora_export.errors import ConfigError, UnsupportedModelError
@@ -96,10 +92,7 @@ def quantize_model(model_path: Path | str, out_dir: Path | str, bits: int = 4, g
         # --overwrite would replace the model being read: inputs are never modified.
         raise ConfigError(f"output {out_dir} is the input model itself; choose another output path")
     if method == "gptq":  # fail on a bad flag before the source is opened
-        from qalora_export.quantization.gptq_layerwise import (
-            resolve_activation_dtype,
-            resolve_device,
-        )
+        from qalora_export.quantization.gptq_layerwise import resolve_activation_dtype, resolve_device
 
         resolve_activation_dtype(calibration_dtype, resolve_device(device))
     source = open_float_model(model_path)

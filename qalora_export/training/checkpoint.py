@@ -33,11 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qalora_export.errors import ConfigError
-from qalora_export.storage.atomic import (
-    _temp_prefix,
-    atomic_output_dir,
-    remove_stale_siblings,
-)
+from qalora_export.storage.atomic import _temp_prefix, atomic_output_dir, remove_stale_siblings
 
 CHECKPOINT_VERSION = 1
 TENSORS = "tensors.safetensors"

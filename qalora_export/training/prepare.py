@@ -18,13 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qalora_export.errors import CheckpointError, DataError
-from qalora_export.training.examples import (
-    DatasetStats,
-    TokenizedExample,
-    build_dataset,
-    read_jsonl,
-    split_held_out,
-)
+from qalora_export.training.examples import DatasetStats, TokenizedExample, build_dataset, read_jsonl, split_held_out
 
 if TYPE_CHECKING:
     from qalora_export.training.config import TrainConfig

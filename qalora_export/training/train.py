@@ -45,17 +45,8 @@ from qalora_export.core.adapter import INTEGER_ZEROS_KEY, ZERO_RANGE_KEY
 from qalora_export.errors import ConfigError
 from qalora_export.modeling.model import build_model, check_supported, qalora_modules
 from qalora_export.storage.atomic import check_output_path
-from qalora_export.training.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from qalora_export.training.config import (
-    EXECUTION_FIELDS,
-    TRAINING_LOG,
-    TrainConfig,
-    TrainResult,
-)
+from qalora_export.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qalora_export.training.config import EXECUTION_FIELDS, TRAINING_LOG, TrainConfig, TrainResult
 from qalora_export.training.distributed import (
     DistContext,
     data_parallel_step,
@@ -77,13 +68,7 @@ from qalora_export.training.optim import (
     lr_lambda,
     make_optimizer,
 )
-from qalora_export.training.prepare import (
-    BatchStream,
-    PreparedData,
-    file_sha256,
-    load_tokenizer,
-    prepare_data,
-)
+from qalora_export.training.prepare import BatchStream, PreparedData, file_sha256, load_tokenizer, prepare_data
 
 # --------------------------------------------------------------------------------------- the run
 

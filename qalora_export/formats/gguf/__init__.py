@@ -51,10 +51,7 @@ class GGUF(StagedFormat):
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Q4_1 (20 bytes per 32 weights) plus fp16 embeddings and norms."""
-        from qalora_export.checkpoint.shapes import (
-            float_tensor_bytes,
-            quantized_weight_count,
-        )
+        from qalora_export.checkpoint.shapes import float_tensor_bytes, quantized_weight_count
         from qalora_export.formats.gguf.spec import Q4_1_BLOCK_BYTES, QK4_1
 
         return quantized_weight_count(config) // QK4_1 * Q4_1_BLOCK_BYTES + float_tensor_bytes(config, bits, group_size)

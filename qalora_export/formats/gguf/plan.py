@@ -16,12 +16,7 @@ from qalora_export.core.packing import WORD_BITS
 from qalora_export.core.weight_rows import row_ranges
 from qalora_export.errors import UnsupportedModelError
 from qalora_export.formats.gguf import spec as spec
-from qalora_export.formats.gguf.encode import (
-    Q4_1Stats,
-    _Shapes,
-    check_q4_1_layer,
-    encode_q4_1,
-)
+from qalora_export.formats.gguf.encode import Q4_1Stats, _Shapes, check_q4_1_layer, encode_q4_1
 from qalora_export.formats.gguf.hparams import HyperParams, llama3_rope_factors
 
 # ----------------------------------------------------------------------------------- the plan

@@ -32,12 +32,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from gguf.constants import (
-    GGML_QUANT_SIZES,
-    GGML_QUANT_VERSION,
-    GGMLQuantizationType,
-    LlamaFileType,
-)
+from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, LlamaFileType
 
 # ------------------------------------------------------------------------------------ Q4_1 blocks
 

@@ -38,10 +38,7 @@ class GPTQ(StagedFormat):
         """A directory whose configs carry a GPTQ quantization config (a float model's do not)."""
         import json
 
-        from qalora_export.checkpoint.gptq_config import (
-            CONFIG_FILE,
-            QUANTIZE_CONFIG_FILE,
-        )
+        from qalora_export.checkpoint.gptq_config import CONFIG_FILE, QUANTIZE_CONFIG_FILE
 
         path = Path(path)
         if not path.is_dir() or not (path / CONFIG_FILE).is_file():

@@ -8,13 +8,7 @@ from pathlib import Path
 
 from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.formats.gptq.read import merge_metadata
-from qalora_export.formats.gptq.spec import (
-    FLOOR_EPS_KL,
-    FLOOR_EPS_LOGIT,
-    FLOOR_FACTOR,
-    GREEDY_TOKENS,
-    MIN_TOP1,
-)
+from qalora_export.formats.gptq.spec import FLOOR_EPS_KL, FLOOR_EPS_LOGIT, FLOOR_FACTOR, GREEDY_TOKENS, MIN_TOP1
 
 
 def verify_runtime(model: MergedView, artifact: Path, prompts: list[list[int]], workdir: Path,
@@ -30,17 +24,9 @@ def verify_runtime(model: MergedView, artifact: Path, prompts: list[list[int]], 
       too, whether the merge was exact or rounded: a rounded artifact passes only if rounding did
       not move it measurably away from the trained model.
     """
-    from qalora_export.formats.gptq.runtime import (
-        load_gptq_model,
-        model_greedy,
-        model_logits,
-    )
+    from qalora_export.formats.gptq.runtime import load_gptq_model, model_greedy, model_logits
     from qalora_export.modeling.model import build_model
-    from qalora_export.runtimes.compare import (
-        compare_logits,
-        greedy_match,
-        within_floor,
-    )
+    from qalora_export.runtimes.compare import compare_logits, greedy_match, within_floor
     from qalora_export.training.evaluate import cached_base_weights
 
     meta = merge_metadata(artifact)

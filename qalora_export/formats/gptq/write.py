@@ -22,11 +22,7 @@ from qalora_export.checkpoint.gptq_config import (
     THREE_BIT_WIDTH_MULTIPLE,
     GPTQConfig,
 )
-from qalora_export.checkpoint.gptq_writer import (
-    DEFAULT_MAX_SHARD_BYTES,
-    write_checkpoint,
-    write_configs,
-)
+from qalora_export.checkpoint.gptq_writer import DEFAULT_MAX_SHARD_BYTES, write_checkpoint, write_configs
 from qalora_export.checkpoint.merged_view import MergedView, single_threaded_torch
 from qalora_export.core.packing import WORD_BITS
 from qalora_export.core.record import contiguous_g_idx

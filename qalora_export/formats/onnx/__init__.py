@@ -2,9 +2,9 @@
 ``com.microsoft.MatMulNBits`` nodes holding the folded codes, scales and zero-points.
 
 Stages: ``spec`` (MatMulNBits layout, tolerances and file names as data), ``encode`` (a folded
-layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``graph`` and ``decoder``
-(the decoder graph; the only modules that drive the ``onnx`` library), ``write`` (the artifact
-directory, atomically), ``genai`` (``genai_config.json``), ``read`` (this project's own reader),
+layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``decoder`` (the decoder's shape
+and rotary caches from ``config.json``), ``graph`` (the decoder graph, built with the ``onnx``
+library), ``write`` (the artifact directory, atomically), ``genai`` (``genai_config.json``), ``read`` (this project's own reader),
 ``verify`` and ``runtime`` (onnxruntime and onnxruntime-genai, in a child process).
 """
 
@@ -60,16 +60,14 @@ class ONNX(StagedFormat):
 
     def inspect(self, path: Path) -> dict:
         from qalora_export.extras import require
+
         require(self.export_requires, f"inspect of the ONNX model {path}")
         return super().inspect(path)
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Codes in MatMulNBits B (3-bit codes in a 4-bit container), fp32 scales and float zero-points
         per block (``block_size_for``), plus the float tensors."""
-        from qalora_export.checkpoint.shapes import (
-            float_tensor_bytes,
-            quantized_weight_count,
-        )
+        from qalora_export.checkpoint.shapes import float_tensor_bytes, quantized_weight_count
         from qalora_export.formats.onnx.spec import block_size_for, container_bits
 
         weights = quantized_weight_count(config)

@@ -48,13 +48,7 @@ from qalora_export.errors import CheckpointError, ConfigError, UnsupportedModelE
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx.encode import encode_linear, relayable
 from qalora_export.formats.onnx.genai import write_genai_config
-from qalora_export.formats.onnx.spec import (
-    DATA_FILE,
-    MERGE_METADATA_KEY,
-    METADATA_VERSION,
-    MODEL_FILE,
-    TOKENIZER_FILES,
-)
+from qalora_export.formats.onnx.spec import DATA_FILE, MERGE_METADATA_KEY, METADATA_VERSION, MODEL_FILE, TOKENIZER_FILES
 from qalora_export.storage.atomic import atomic_output_dir
 
 # ------------------------------------------------------------------------------------ export

@@ -22,10 +22,7 @@ import triton
 import triton.language as tl
 
 from qalora_export.errors import ConfigError
-from qalora_export.modeling.kernels.triton_dequant import (
-    check_packed_base,
-    dequant_tile,
-)
+from qalora_export.modeling.kernels.triton_dequant import check_packed_base, dequant_tile
 
 GEMV_BLOCK_K = 128
 GEMV_BLOCK_N = 64
