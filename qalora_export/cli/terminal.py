@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from qalora_export.console import Console
@@ -52,12 +51,6 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def layer_count(base_dir: Path) -> int:
-    from qalora_export.checkpoint.gptq import GPTQCheckpoint
-
-    return len(GPTQCheckpoint(base_dir).quantized_modules)
 
 
 def say(msg: str = "") -> None:
