@@ -1,15 +1,25 @@
-"""llama.cpp speed and file size of our Q4_1 GGUF against F16 and F32 GGUFs of the same weights.
+"""llama.cpp speed and size of our exact Q4_1 GGUF against the files llama.cpp's own tools make.
 
-    python benchmarks/bench_gguf.py [--base GPTQ_DIR] [--adapter ADAPTER_DIR] [--prompt-tokens 128]
-                                    [--decode-tokens 64] [--repeats 3] [--threads 2]
+    python benchmarks/bench_gguf.py --convert LLAMA_CPP/convert_hf_to_gguf.py [--model smollm2|llama7b-stack]
+                                    [--base GPTQ_DIR --float FLOAT_DIR] [--adapter ADAPTER_DIR]
+                                    [--prompt-tokens 128] [--decode-tokens 64] [--repeats 3] [--threads 2]
 
-Without ``--base`` it quantizes the SmolLM2-135M-Instruct fixture (RTN, 4-bit, group 32) into a
-temporary directory. The three files hold the same effective weights (``W_hat + dW``): the Q4_1
-artifact as exported (f16 token embedding, the default, and ``--embeddings q8_0``), and
-``weights_dtype="f16"`` / ``"f32"`` references. Prompt speed is one
-``eval`` of ``--prompt-tokens`` ids; decode speed is ``--decode-tokens`` single-token ``eval`` calls
-after it. Each figure is the median of ``--repeats`` runs, the three formats interleaved, and every
-ratio is taken against F16 measured in the same run.
+Ours, from the GPTQ base with a QA-LoRA adapter folded in (a random rank-16 adapter unless
+``--adapter``): ``ours q4_1`` (the export's default, f16 token embedding; exact up to fp16 rounding
+of each block's m), ``ours q4_1 q8_0 emb`` (``--embeddings q8_0``) and ``ours f16`` (the same merged weights in f16, the reference every ratio is
+taken against). llama.cpp's, from the float model (the fixture's float directory, or the random
+float model the GPTQ base was quantized from): ``convert_hf_to_gguf.py --outtype f16`` (the
+converter of the llama-cpp-python sdist, ``vendor/llama.cpp/convert_hf_to_gguf.py`` with
+``gguf-py`` beside it, run in a child process) and ``llama_model_quantize`` (llama-cpp-python's
+binding, in a child process) of that file to Q4_1, Q4_0 and Q4_K_M with llama.cpp's default
+choices (it keeps some tensors, e.g. the output / tied embedding, at higher precision). Theirs
+quantize the float model, not the merged weights: compare speed and size, not values.
+
+Each measurement runs llama.cpp in a child process (a crash names the file): prompt speed is one
+``eval`` of ``--prompt-tokens`` ids, decode speed ``--decode-tokens`` single-token ``eval`` calls
+after it (``OMP_WAIT_POLICY=PASSIVE`` unless set: spinning OpenMP threads collapse on shared cores,
+docs/gguf.md). Figures are medians of ``--repeats`` rounds with every file measured once a round
+(interleaved); the 1-minute load average before and after is printed.
 """
 
 from __future__ import annotations
@@ -18,13 +28,19 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+FTYPES = {"llama.cpp q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "llama.cpp q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+          "llama.cpp q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+
 
 def measure(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
-    """(prompt tokens/s, decode tokens/s) of one llama.cpp run."""
+    """(prompt tokens/s, decode tokens/s) of one llama.cpp run, in this process (the child's side)."""
     from qalora_export.formats.gguf.runtime import open_model
 
     with open_model(path, n_ctx=len(prompt) + n_decode + 8, n_threads=threads, logits_all=False,
@@ -40,64 +56,139 @@ def measure(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple
     return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 
 
-def main() -> None:
+def measure_in_child(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
+    """:func:`measure` in a fresh interpreter (llama.cpp never runs in the benchmark's process)."""
+    out = subprocess.run([sys.executable, __file__, "--measure", str(path), "--prompt-ids", json.dumps(prompt),
+                          "--decode-tokens", str(n_decode), "--threads", str(threads)],
+                         capture_output=True, text=True, check=False,
+                         env={**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")})
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp run on {path} failed (exit {out.returncode}): {out.stderr[-2000:]}")
+    return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def convert_float(convert: Path, float_dir: Path, out: Path) -> None:
+    """llama.cpp's ``convert_hf_to_gguf.py --outtype f16`` with its own ``gguf-py`` (child process)."""
+    if out.is_file():
+        return
+    paths = [str(convert.parent / "gguf-py"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    proc = subprocess.run([sys.executable, str(convert), str(float_dir), "--outfile", str(out), "--outtype", "f16"],
+                          env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.is_file():
+        raise RuntimeError(f"convert_hf_to_gguf.py failed: {proc.stderr[-3000:]}")
+
+
+def quantize_in_child(src: Path, dst: Path, ftype: str) -> None:
+    """``llama_model_quantize(src, dst, ftype)`` through llama-cpp-python, in a child process."""
+    if dst.is_file():
+        return
+    code = ("import ctypes, sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype = llama_cpp.{ftype}\n"
+            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not dst.is_file():
+        raise RuntimeError(f"llama_model_quantize {ftype} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=("smollm2", "llama7b-stack"), default="smollm2")
     ap.add_argument("--base", type=Path)
+    ap.add_argument("--float", dest="float_dir", type=Path)
     ap.add_argument("--adapter", type=Path)
+    ap.add_argument("--convert", type=Path, help="llama.cpp's convert_hf_to_gguf.py (gguf-py beside it)")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=11008)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--work", type=Path, help="where files are written (default: a temp dir, removed)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's side of measure_in_child
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure, json.loads(args.prompt_ids), args.decode_tokens, args.threads)))
+        return 0
 
-    from qalora_export.formats.gguf import FORMAT as gguf
+    sys.path.insert(0, str(HERE))
+    import bench_onnx  # the shared model builders (fixture base, random 7B-shaped stack, random adapter)
+
     from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.formats.gguf import FORMAT as gguf
 
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
-        tmp = Path(tmp)
-        base = args.base
-        if base is None:
-            from qalora_export.fixtures.smollm2 import smollm2_gguf_path
-            from qalora_export.quantization.quantize import quantize_model
-            base = tmp / "smollm2-w4g32"
-            quantize_model(smollm2_gguf_path(), base, bits=4, group_size=32, checkpoint_format="gptq_v2")
-        model = MergedView.open(base, args.adapter)
-        # name -> (weights_dtype, embeddings); "q4_1" is the default export (f16 embeddings)
-        variants = {"q4_1": ("q4_1", "f16"), "q4_1+q8_0emb": ("q4_1", "q8_0"), "f16": ("f16", "f16"),
-                    "f32": ("f32", "f32")}
-        files = {k: tmp / f"model.{k}.gguf" for k in variants}
-        export_s = {}
-        for kind, path in files.items():
-            t0 = time.perf_counter()
-            gguf.export(model, path, weights_dtype=variants[kind][0], embeddings=variants[kind][1])
-            export_s[kind] = time.perf_counter() - t0
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.base:
+            base, float_dir = args.base, args.float_dir
+        elif args.model == "smollm2":
+            base, float_dir = bench_onnx.fixture_base(work, 4, 32)
+        else:
+            from qalora_export.fixtures.smollm2 import smollm2_float_dir
+
+            # llama.cpp's converter needs a tokenizer it recognises: SmolLM2's (vocabulary 49152)
+            tokenizer = smollm2_float_dir() if args.convert else None
+            base, float_dir = bench_onnx.stack_base(work, args.layers, args.vocab, 4, 32, args.hidden,
+                                                    args.intermediate, args.heads, tokenizer_from=tokenizer)
+        adapter = args.adapter or bench_onnx.random_adapter(base, work / f"{base.name}-random-adapter")
+        model = MergedView.open(base, adapter)
+        files, notes, exact = {}, {}, {}
+        for name, dtype, embeddings in (("ours q4_1", "q4_1", "f16"), ("ours q4_1 q8_0 emb", "q4_1", "q8_0"),
+                                        ("ours f16", "f16", "f16")):
+            files[name] = work / f"{base.name}-{dtype}-{embeddings}.gguf"
+            summary = gguf.export(model, files[name], weights_dtype=dtype, embeddings=embeddings, overwrite=True)
+            exact[name] = (f"fold exact up to fp16 m (max |dm| {summary.get('max_m_rounding', 0.0):.1e})"
+                           if dtype == "q4_1" else "merged weights in f16")
+        if args.convert and float_dir is not None:
+            theirs = work / f"{float_dir.name}-llama.cpp-f16.gguf"
+            try:
+                convert_float(args.convert, float_dir, theirs)
+                files["llama.cpp f16"], exact["llama.cpp f16"] = theirs, "n/a"
+                for name, ftype in FTYPES.items():
+                    dst = work / f"{float_dir.name}-{name.replace(' ', '-')}.gguf"
+                    quantize_in_child(theirs, dst, ftype)
+                    files[name], exact[name] = dst, "n/a (quantizes the float model)"
+            except RuntimeError as exc:
+                notes["llama.cpp"] = str(exc).splitlines()[-1][:300]
         vocab = int(model.model_config["vocab_size"])
         prompt = [(17 + 7919 * i) % vocab for i in range(args.prompt_tokens)]
+        load_before = os.getloadavg()[0]
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in files}
         for _ in range(args.repeats):
-            for kind, path in files.items():
-                runs[kind].append(measure(path, prompt, args.decode_tokens, args.threads))
-        result = {"base": str(base), "threads": args.threads, "prompt_tokens": args.prompt_tokens,
-                  "decode_tokens": args.decode_tokens, "repeats": args.repeats, "formats": {}}
+            for kind, path in files.items():  # interleaved
+                runs[kind].append(measure_in_child(path, prompt, args.decode_tokens, args.threads))
+        load_after = os.getloadavg()[0]
+        rows = {}
         for kind, path in files.items():
-            result["formats"][kind] = {
-                "bytes": path.stat().st_size,
-                "prompt_tok_s": statistics.median(r[0] for r in runs[kind]),
-                "decode_tok_s": statistics.median(r[1] for r in runs[kind]),
-                "export_s": export_s[kind],
-            }
-        ref = result["formats"]["f16"]
-        for kind, row in result["formats"].items():
-            row["size_vs_f16"] = row["bytes"] / ref["bytes"]
-            row["prompt_speed_vs_f16"] = row["prompt_tok_s"] / ref["prompt_tok_s"]
-            row["decode_speed_vs_f16"] = row["decode_tok_s"] / ref["decode_tok_s"]
-
-    print(f"{'format':13} {'MB':>8} {'size/F16':>9} {'prompt tok/s':>13} {'x F16':>6} {'decode tok/s':>13} {'x F16':>6}")
-    for kind, row in result["formats"].items():
-        print(f"{kind:13} {row['bytes'] / 1e6:8.1f} {row['size_vs_f16']:9.3f} {row['prompt_tok_s']:13.1f} "
-              f"{row['prompt_speed_vs_f16']:6.2f} {row['decode_tok_s']:13.1f} {row['decode_speed_vs_f16']:6.2f}")
-    print(json.dumps(result, indent=2))
+            rows[kind] = {"bytes": path.stat().st_size, "exact": exact[kind],
+                          "prompt_tok_s": statistics.median(r[0] for r in runs[kind]),
+                          "decode_tok_s": statistics.median(r[1] for r in runs[kind])}
+    ref, peer = rows["ours f16"], rows.get("llama.cpp q4_1")
+    print(f"model: {base} adapter={adapter}; llama.cpp in a child process, {args.threads} threads, prompt "
+          f"{args.prompt_tokens}, decode {args.decode_tokens}, median of {args.repeats} interleaved rounds; "
+          f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
+    print("| file | MB | prompt tok/s | decode tok/s | decode / ours f16 | prompt / llama.cpp q4_1 "
+          "| decode / llama.cpp q4_1 | exact |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, row in rows.items():
+        vs_peer = (f"{row['prompt_tok_s'] / peer['prompt_tok_s']:.2f} | "
+                   f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}" if peer else "- | -")
+        print(f"| {kind} | {row['bytes'] / 1e6:.1f} | {row['prompt_tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
+              f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f} | {vs_peer} | {row['exact']} |")
+    for name, why in notes.items():
+        print(f"{name}: not run ({why})")
+    if args.json:
+        record = {"rows": rows, "notes": notes, "load": [load_before, load_after]}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,69 +1,96 @@
-"""Benchmark: MatMulNBits int-N ONNX exports vs an fp32 ONNX export of the same merged weights.
+"""Benchmark: our MatMulNBits exports vs fp32 and vs onnxruntime-genai's own int4 builder, in one run.
 
-For one merged model (a GPTQ base, optionally with a QA-LoRA adapter folded in) it writes
+For one model it writes
 
-- ``fp32``: every projection a float MatMul on the effective weight (``export_float_reference``),
-- ``float-zp acc0`` / ``float-zp acc4``: MatMulNBits with float zero-points, accuracy level 0 / 4,
-- ``uint8-zp acc0`` / ``uint8-zp acc4``: MatMulNBits with packed uint8 zero-points (rounded),
-- ``split acc0`` / ``split acc4``: packed uint8 integer zero-points plus the per-group residual
-  (exact),
+- ``fp32``: every projection a float MatMul on the merged weight (``export_float_reference``),
+- ours, from the GPTQ base with a QA-LoRA adapter folded in (a random rank-16 adapter unless
+  ``--adapter``, so that the folded zero-points are fractional as after real training):
+  ``auto`` (the default), ``split``, ``float`` (exact) and ``uint8`` (rounded: the fold does not fit
+  integer zero-points; its speed does not depend on the values), at accuracy level 0 and,
+  for ``auto`` and ``uint8``, 4 (int8 activations, as the builder's CPU default),
+- ``builder int4``: what a user would run instead, ``python -m onnxruntime_genai.models.builder -m
+  FLOAT_DIR -o OUT -p int4 -e cpu`` on the float model (the fixture's float directory, or the same
+  random float model the GPTQ base was quantized from) with the same bits and block size
+  (``block_size=<group size>``): once with its defaults (symmetric int4, ``accuracy_level=4``, the lm
+  head quantized too), asymmetric (``is_symmetric=false``, zero-points like ours) and with the lm head
+  left float as in ours (``nodes_to_exclude=/lm_head/MatMul``).
 
-then measures, in one run on this machine's CPU with onnxruntime: file size (model.onnx +
-model.onnx.data) and batch-1 decode speed (tokens/s of single-token steps with the KV cache after
-a prompt, best of ``--repeats``), and prints each as a ratio against the fp32 export.
+and measures every variant with onnxruntime-genai (the runtime both target), interleaved: each
+round loads each model once and times the prefill of a ``--prompt``-token prompt (tokens/s of
+``append_tokens``) and ``--steps`` decode steps (tokens/s of ``generate_next_token``). Medians over
+``--repeats`` rounds are printed with ratios to fp32 and to the builder's default int4, and the
+1-minute load average before and after (the machine may be shared).
 
-Without ``--adapter`` a random QA-LoRA adapter (rank 16, pooled over the quantization groups) is
-folded in, so that the zero-points are fractional as after real training; the uint8 variants
-are then written with ``allow_rounding`` (their speed does not depend on the values; the
-``exact`` column says which variants hold the fold exactly).
+Models: ``--model smollm2`` (the SmolLM2-135M fixture, quantized here to ``--fixture-bits`` /
+``--group-size`` by RTN) or ``--model llama7b-stack``: ``--layers`` LLaMA-7B-shaped layers (hidden
+4096, intermediate 11008, 32 heads; ``qalora_export/plan.py``'s llama2-7b) with random weights and a
+``--vocab``-token vocabulary, so that the layers' weights, not the lm head, dominate.
 
 Usage::
 
-    python benchmarks/bench_onnx.py --base BASE_DIR [--adapter ADAPTER_DIR] [--work DIR]
-    python benchmarks/bench_onnx.py --fixture-bits 4 --group-size 32   # SmolLM2 fixture, quantized here
+    python benchmarks/bench_onnx.py --model smollm2 --work DIR
+    python benchmarks/bench_onnx.py --model llama7b-stack --layers 2 --work DIR
+    python benchmarks/bench_onnx.py --base BASE_DIR --float FLOAT_DIR [--adapter ADAPTER_DIR]
+
+The builder needs the ``onnx-ir`` package (``pip install onnx-ir``); without it its rows are
+skipped and say so. ``--builder-pythonpath DIR`` adds a directory to its ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "tests")]  # the tests' tiny BPE tokenizer builder (gguf_helpers), for the random model
 
-def decode_tokens_per_second(model_dir: Path, prompt: list[int], steps: int, repeats: int, threads: int) -> float:
-    from qalora_export.formats.onnx.runtime import OrtDecoder
 
-    decoder = OrtDecoder(model_dir, providers=["CPUExecutionProvider"], threads=threads)
-    best = 0.0
-    for _ in range(repeats + 1):  # the first round warms up (prepacking, allocations)
-        out, cache = decoder.step(prompt, decoder.empty_cache())
-        token = int(np.argmax(out[-1]))
-        start = time.perf_counter()
-        for _ in range(steps):
-            out, cache = decoder.step([token], cache)
-            token = int(np.argmax(out[-1]))
-        best = max(best, steps / (time.perf_counter() - start))
-    decoder.close()
-    return best
+def genai_speed(model_dir: Path, prompt: list[int], steps: int) -> tuple[float, float]:
+    """``(prefill tokens/s, decode tokens/s)`` of one greedy generation by onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + steps + 1)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(np.asarray([prompt], dtype=np.int32))  # runs the prefill
+    prefill = len(prompt) / (time.perf_counter() - start)
+    start, count = time.perf_counter(), 0
+    while not generator.is_done() and count < steps:
+        generator.generate_next_token()
+        count += 1
+    decode = count / (time.perf_counter() - start)
+    del generator, model
+    return prefill, decode
 
 
 def onnx_bytes(model_dir: Path) -> int:
-    return sum((model_dir / f).stat().st_size for f in ("model.onnx", "model.onnx.data"))
+    return sum(p.stat().st_size for p in model_dir.iterdir() if p.suffix in (".onnx", ".data"))
 
 
-def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0) -> Path:
-    """A random QA-LoRA adapter on every quantized layer of ``base`` (fractional folded zeros)."""
+def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0, shift_rms: float = 0.0) -> Path:
+    """A random QA-LoRA adapter on every quantized layer of ``base`` (fractional folded zeros).
+
+    With ``shift_rms`` each layer's ``lora_B`` is scaled so that the zero-point shifts it folds in
+    have that root mean square in code units (a fixed 0.02 init moves 7B-wide layers' zeros by
+    tens of units, outside any integer zero-point range; trained adapters move them by less than one).
+    """
     import torch
 
-    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
     from qalora_export.checkpoint.adapter_files import save_adapter
     from qalora_export.checkpoint.gptq import GPTQCheckpoint
+    from qalora_export.core.adapter import AdapterLayer, QALoRAAdapter
 
     if out.exists():
         return out
@@ -72,83 +99,211 @@ def random_adapter(base: Path, out: Path, rank: int = 16, seed: int = 0) -> Path
     layers = {}
     for name in ckpt.quantized_modules:
         rec = ckpt.read_layer(name)
-        layers[name] = AdapterLayer(lora_A=torch.randn(rank, rec.num_groups, generator=gen) * 0.02,
-                                    lora_B=torch.randn(rec.out_features, rank, generator=gen) * 0.02)
+        lora_a = torch.randn(rank, rec.num_groups, generator=gen) * 0.02
+        lora_b = torch.randn(rec.out_features, rank, generator=gen) * 0.02
+        if shift_rms:
+            # peft pooling: dW[o, g] = (alpha / r) * (L / p) * (B @ A)[o, g], shift = dW / scale
+            factor = 2.0 * rec.num_groups / rec.group_size
+            shift = factor * (lora_b @ lora_a).T / rec.scales.to(torch.float32)  # [G, out]
+            lora_b = lora_b * (shift_rms / float(shift.pow(2).mean().sqrt()))
+        layers[name] = AdapterLayer(lora_A=lora_a, lora_B=lora_b)
     save_adapter(QALoRAAdapter(layers=layers, rank=rank, alpha=2.0 * rank, pooling="peft",
                                pool_group_size=ckpt.config.group_size, pool_groups="quantization",
                                base_fingerprint=ckpt.fingerprint()), out, base_model_path=str(base))
     return out
 
 
-def fixture_base(work: Path, bits: int, group_size: int) -> Path:
-    from qalora_export.fixtures.smollm2 import smollm2_gguf_path
+def fixture_base(work: Path, bits: int, group_size: int) -> tuple[Path, Path]:
+    """``(GPTQ base, float directory)`` of the SmolLM2 fixture."""
+    from qalora_export.fixtures.smollm2 import smollm2_float_dir
     from qalora_export.quantization.quantize import quantize_model
 
+    float_dir = smollm2_float_dir()
     base = work / f"smollm2-gptq-b{bits}-g{group_size}"
     if not base.exists():
-        quantize_model(smollm2_gguf_path(), base, bits, group_size, "gptq_v2")
-    return base
+        quantize_model(float_dir, base, bits, group_size, "gptq_v2")
+    return base, float_dir
 
 
-def main() -> None:
+def stack_base(work: Path, layers: int, vocab: int, bits: int, group_size: int, hidden: int = 4096,
+               intermediate: int = 11008, heads: int = 32, tokenizer_from: Path | None = None) -> tuple[Path, Path]:
+    """``(GPTQ base, float directory)`` of a random LLaMA-7B-shaped stack of ``layers`` layers.
+
+    The tokenizer is the tests' tiny byte-level BPE (``vocab`` ids, of which it uses up to 320), or
+    ``tokenizer_from``'s files (then ``vocab`` is its size: llama.cpp's converter recognises only
+    tokenizers it knows).
+    """
+    import torch
+    from gguf_helpers import make_tiny_bpe_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qalora_export.quantization.quantize import quantize_model
+
+    if tokenizer_from is not None:
+        vocab = int(json.loads((tokenizer_from / "config.json").read_text())["vocab_size"])
+    tag = "" if tokenizer_from is None else f"-tok-{tokenizer_from.parent.name}"
+    float_dir = work / f"llama-stack-h{hidden}-l{layers}-v{vocab}{tag}-float"
+    if not (float_dir / "config.json").exists():
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                             max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                             rms_norm_eps=1e-5, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config).to(torch.float16)  # fp16, as 7B checkpoints are stored
+        model.save_pretrained(str(float_dir))
+        if tokenizer_from is None:
+            make_tiny_bpe_tokenizer(float_dir, vocab_size=min(vocab, 320))
+        else:
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+                if (tokenizer_from / name).is_file():
+                    shutil.copyfile(tokenizer_from / name, float_dir / name)
+        del model
+    base = work / f"llama-stack-h{hidden}-l{layers}-v{vocab}{tag}-gptq-b{bits}-g{group_size}"
+    if not base.exists():
+        quantize_model(float_dir, base, bits, group_size, "gptq_v2")
+    return base, float_dir
+
+
+def run_builder(float_dir: Path, out: Path, block_size: int, extra: list[str], pythonpath: str) -> str:
+    """onnxruntime-genai's builder in a child process; '' or why it did not run."""
+    if (out / "genai_config.json").is_file():
+        return ""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(float_dir), "-o", str(out),
+           "-p", "int4", "-e", "cpu", "-c", str(out.parent / "builder-cache"),
+           "--extra_options", f"block_size={block_size}", *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        return (proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout) else "failed"
+    return ""
+
+
+def _ratio(row: dict, other: dict | None, phase: str) -> str:
+    key = f"{phase}_tokens_per_s"
+    return f"{row[key] / other[key]:.2f}" if other else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, help="GPTQ base directory (default: quantize the SmolLM2 fixture)")
+    parser.add_argument("--model", choices=("smollm2", "llama7b-stack"), default="smollm2")
+    parser.add_argument("--base", type=Path, help="GPTQ base directory (with --float: instead of --model)")
+    parser.add_argument("--float", dest="float_dir", type=Path, help="the float model the builder converts")
     parser.add_argument("--adapter", type=Path, help="QA-LoRA adapter directory to fold in")
     parser.add_argument("--fixture-bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--work", type=Path, help="where exports are written (default: a temp dir, removed)")
+    parser.add_argument("--layers", type=int, default=2, help="llama7b-stack: layers")
+    parser.add_argument("--vocab", type=int, default=8192, help="llama7b-stack: vocabulary size")
+    parser.add_argument("--hidden", type=int, default=4096, help="llama7b-stack: hidden size (smaller: smoke tests)")
+    parser.add_argument("--intermediate", type=int, default=11008, help="llama7b-stack: intermediate size")
+    parser.add_argument("--heads", type=int, default=32, help="llama7b-stack: attention heads")
+    parser.add_argument("--work", type=Path, help="where models are written (default: a temp dir, removed)")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per round")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--no-builder", action="store_true", help="skip onnxruntime-genai's builder")
+    parser.add_argument("--builder-pythonpath", default="", help="added to the builder's PYTHONPATH (onnx-ir)")
+    parser.add_argument("--variants", nargs="*", help="only these variants (names as printed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    from qalora_export.formats.onnx import write as onnx_write
     from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.formats.onnx import write as onnx_write
 
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="bench-onnx-")) if own_work else args.work
     work.mkdir(parents=True, exist_ok=True)
     try:
-        base = args.base or fixture_base(work, args.fixture_bits, args.group_size)
-        adapter = args.adapter or random_adapter(base, work / "random-adapter")
+        if args.base:
+            base, float_dir = args.base, args.float_dir
+        elif args.model == "smollm2":
+            base, float_dir = fixture_base(work, args.fixture_bits, args.group_size)
+        else:
+            base, float_dir = stack_base(work, args.layers, args.vocab, args.fixture_bits, args.group_size,
+                                         args.hidden, args.intermediate, args.heads)
+        adapter = args.adapter or random_adapter(base, work / f"{base.name}-random-adapter",
+                                                 shift_rms=0.0 if args.model == "smollm2" else 0.3)
         model = MergedView.open(base, adapter)
-        prompt = [1] + list(range(100, 115))
-        variants = {
+        ours = {
             "fp32": lambda out: onnx_write.export_float_reference(model, out, overwrite=True),
-            "float-zp acc0": lambda out: onnx_write.export(model, out, overwrite=True),
-            "float-zp acc4": lambda out: onnx_write.export(model, out, accuracy_level=4, overwrite=True),
-            "uint8-zp acc0": lambda out: onnx_write.export(model, out, zero_points="uint8", overwrite=True,
-                                                          allow_rounding=True),
-            "uint8-zp acc4": lambda out: onnx_write.export(model, out, zero_points="uint8", accuracy_level=4,
-                                                          overwrite=True, allow_rounding=True),
+            "auto acc0": lambda out: onnx_write.export(model, out, overwrite=True),
             "split acc0": lambda out: onnx_write.export(model, out, zero_points="split", overwrite=True),
-            "split acc4": lambda out: onnx_write.export(model, out, zero_points="split", accuracy_level=4,
-                                                       overwrite=True),
+            "float acc0": lambda out: onnx_write.export(model, out, zero_points="float", overwrite=True),
+            "uint8 acc0": lambda out: onnx_write.export(model, out, zero_points="uint8", overwrite=True,
+                                                        allow_rounding=True),
+            "auto acc4": lambda out: onnx_write.export(model, out, accuracy_level=4, overwrite=True),
+            "uint8 acc4": lambda out: onnx_write.export(model, out, zero_points="uint8", accuracy_level=4,
+                                                        overwrite=True, allow_rounding=True),
         }
-        rows = {}
-        for name, make in variants.items():
-            out = work / name.replace(" ", "_")
+        # asym: zero-points like ours (its int4 tied-embedding Gather does not load asymmetric, so the
+        # embedding is not shared there); float head: the lm head left float, as in ours
+        builders = {"builder int4": [], "builder int4 asym": ["is_symmetric=false", "shared_embeddings=false"],
+                    "builder int4 float head": ["shared_embeddings=false", "nodes_to_exclude=/lm_head/MatMul"]}
+        wanted = set(args.variants or [*ours, *builders])
+        dirs, exact, notes = {}, {}, {}
+        for name, make in ours.items():
+            if name not in wanted:
+                continue
+            out = work / f"{base.name}-{name.replace(' ', '_')}"
             summary = make(out)
-            rows[name] = {"bytes": onnx_bytes(out),
-                          "tokens_per_s": decode_tokens_per_second(out, prompt, args.steps, args.repeats, args.threads),
-                          "exact": summary.get("exact", True)}
-        ref = rows["fp32"]
+            dirs[name], exact[name] = out, str(summary.get("exact", True)).lower()
+        for name, extra in builders.items():
+            if name not in wanted or args.no_builder or float_dir is None:
+                continue
+            out = work / f"{base.name}-{name.replace(' ', '_')}"
+            why = run_builder(float_dir, out, model.group_size, extra, args.builder_pythonpath)
+            if why:
+                notes[name] = why
+            else:
+                dirs[name], exact[name] = out, "n/a (quantizes the float model)"
+
+        vocab = int(model.model_config["vocab_size"])
+        rng = np.random.default_rng(0)
+        prompt = [1] + [int(t) for t in rng.integers(4, vocab, size=args.prompt - 1)]
+        load_before = os.getloadavg()[0]
+        for name, out in list(dirs.items()):  # warms the page cache and genai; a model genai refuses is noted
+            try:
+                genai_speed(out, prompt, 2)
+            except RuntimeError as exc:
+                notes[name] = f"onnxruntime-genai cannot load it: {str(exc).splitlines()[0][:300]}"
+                del dirs[name]
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in dirs}
+        for _ in range(args.repeats):
+            for name, out in dirs.items():  # interleaved: machine load drifts over every variant alike
+                runs[name].append(genai_speed(out, prompt, args.steps))
+        load_after = os.getloadavg()[0]
+
+        rows = {}
+        for name, timings in runs.items():
+            rows[name] = {"bytes": onnx_bytes(dirs[name]), "exact": exact[name],
+                          "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
+                          "decode_tokens_per_s": statistics.median(t[1] for t in timings),
+                          "decode_runs": [round(t[1], 2) for t in timings]}
+        ref = rows.get("fp32")
+        peer, head = rows.get("builder int4"), rows.get("builder int4 float head")
         print(f"model: {base}  bits={model.bits} group_size={model.group_size} adapter={adapter}")
-        print(f"cpu: {platform.processor() or platform.machine()}  threads={args.threads or 'default'}  "
-              f"steps={args.steps} best of {args.repeats}")
-        print(f"{'variant':<15} {'MB':>8} {'size/fp32':>10} {'tok/s':>8} {'speed/fp32':>11} exact")
+        print(f"runtime: onnxruntime-genai, prompt {len(prompt)} tokens, {args.steps} decode steps, median of "
+              f"{args.repeats} interleaved rounds; load average {load_before:.2f} -> {load_after:.2f} "
+              f"on {os.cpu_count()} CPUs")
+        print("| variant | MB | prefill tok/s | decode tok/s | decode / fp32 | prefill / builder int4 "
+              "| decode / builder int4 | decode / builder float head | exact |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for name, row in rows.items():
-            row["size_ratio"] = row["bytes"] / ref["bytes"]
-            row["speed_ratio"] = row["tokens_per_s"] / ref["tokens_per_s"]
-            print(f"{name:<15} {row['bytes'] / 1e6:8.1f} {row['size_ratio']:10.3f} {row['tokens_per_s']:8.1f} "
-                  f"{row['speed_ratio']:11.2f} {row['exact']}")
+            print(f"| {name} | {row['bytes'] / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | "
+                  f"{row['decode_tokens_per_s']:.1f} | {_ratio(row, ref, 'decode')} | {_ratio(row, peer, 'prefill')} | "
+                  f"{_ratio(row, peer, 'decode')} | {_ratio(row, head, 'decode')} | {row['exact']} |")
+        for name, why in notes.items():
+            print(f"{name}: not run ({why})")
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            args.json.write_text(json.dumps({"rows": rows, "notes": notes, "load": [load_before, load_after]},
+                                            indent=2) + "\n")
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,6 +19,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "gptq": ("gptqmodel", "optimum", "peft"),
     "onnx": ("onnx", "onnxruntime", "onnxruntime_genai"),
     "llamacpp": ("llama_cpp",),
+    "mlx": ("mlx", "mlx_lm"),
 }
 
 # What to add to the message of an extra whose plain pip install can go wrong.

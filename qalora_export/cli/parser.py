@@ -19,6 +19,9 @@ def _add_export_options(p: argparse.ArgumentParser, formats: list[Format]) -> No
                    help="pooling convention of an adapter that does not record it (official QA-LoRA: mean; "
                         "the paper's Algorithm 1: sum); PEFT and qalora-export adapters record it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="run verify's runtime level on the export (default; its result and floors go into the "
+                        "handoff bundle); --no-verify runs the weight level only")
     for fmt in formats:
         fmt.add_options(p)
 
@@ -136,14 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export_options(p, [fmt])
         p.set_defaults(func=verbs.cmd_format(fmt.name))
 
+    p = verb("lora", help="export a QA-LoRA adapter as a plain LoRA (PEFT folder; --gguf: llama.cpp LoRA) that "
+                          "runtimes apply unmerged to the unchanged base (docs/lora.md)")
+    p.add_argument("adapter", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output directory (PEFT layout)")
+    attach = [f"--{f.name}" for f in formats if f.writes_lora and f.output_suffix]
+    if attach:
+        p.add_argument(*attach, dest="attach", type=Path, metavar="BASE_ARTIFACT",
+                       help="also write the LoRA for this base artifact's runtime (a .gguf made by `gguf BASE`: "
+                            "adapter.gguf for llama.cpp --lora)")
+    p.add_argument("--base", type=Path, help="the GPTQ base the adapter was trained on (its g_idx; checked)")
+    p.add_argument("--verify", type=Path, metavar="BASE",
+                   help="GPTQ base: also run the LoRA in PEFT on it (and in llama.cpp with the attached file) "
+                        "against the unmerged model; exit 1 on failure")
+    p.add_argument("--pooling", choices=POOLINGS, help="pooling convention of an adapter that does not record it")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage type of the factors")
+    p.add_argument("--report", type=Path, help="write the JSON report here")
+    p.add_argument("--runtime-timeout", type=float, default=3600.0, metavar="SECONDS")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=verbs.cmd_lora)
+
     p = verb("verify", help="check an artifact against the unmerged model (exit 1 on failure)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--base", type=Path,
+                   help="the quantized base; without it the artifact is checked against its handoff bundle "
+                        "(checksums, and the runtime against the stored reference)")
     p.add_argument("--adapter", type=Path)
     p.add_argument("--pooling", choices=POOLINGS)
     p.add_argument("--format", choices=[f.name for f in formats], help="default: detected from the path")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--report", type=Path, help="write the JSON report here (and markdown next to it)")
+    p.add_argument("--junit-xml", type=Path, metavar="PATH",
+                   help="also write one JUnit testcase per check (failures carry the value and the limit)")
     p.add_argument("--require-exact", action="store_true", help="fail when the merge rounded zero-points")
     p.add_argument("--weights-only", action="store_true", help="skip the runtime level")
     p.add_argument("--runtime-timeout", type=float, default=3600.0, metavar="SECONDS",

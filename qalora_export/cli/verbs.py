@@ -79,22 +79,28 @@ def cmd_train(args) -> int:
 
 
 def _export(fmt_name: str, base: Path, adapter: Optional[Path], output: Path, args) -> dict:
-    from qalora_export.checkpoint.merged_view import MergedView
-    from qalora_export.extras import require
+    """Export with the handoff bundle (qalora_export/bundle): the format's files, verify (the runtime
+    level unless --no-verify), model card, reference and SHA256SUMS, moved into place together."""
+    from qalora_export.bundle.write import export_with_bundle
     from qalora_export.formats import get_format
 
     fmt = get_format(fmt_name)
-    require(fmt.export_requires, f"export to {fmt.name}")
-    # every format checks the adapter's base fingerprint in a background thread while it writes
-    # (inside its atomic output: a mismatch leaves nothing)
-    model = MergedView.open(base, adapter, pooling=getattr(args, "pooling", None), defer_fingerprint=True)
-    bar = Progress(total=len(model.quantized_modules), desc=f"merge -> {fmt.name}")
+    bar = Progress(total=0, desc=f"merge -> {fmt.name}")
     try:
         options = {"overwrite": args.overwrite, **fmt.options_from_args(args, bar)}
         with _cyclic_gc_paused():
-            return fmt.export(model, output, **options)
+            summary = export_with_bundle(fmt_name, base, adapter, output, options, pooling=getattr(args, "pooling", None),
+                                         runtime=args.verify, stage=lambda s: note(f"{fmt.name}: {s}..."))
     finally:
         bar.close()
+    report = summary.pop("verify")
+    summary["verify"] = {"passed": report["passed"], "runtime_level": report.get("runtime") is not None}
+    summary["exit_code"] = EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+    if not report["passed"]:
+        from qalora_export.verify import render_markdown
+
+        say(render_markdown(report))
+    return summary
 
 
 @contextlib.contextmanager
@@ -114,6 +120,7 @@ def _cyclic_gc_paused() -> Iterator[None]:
 def cmd_merge(args) -> int:
     t0 = time.time()
     summary = _export(args.to, args.base, args.adapter, args.output, args)
+    code = summary.pop("exit_code")
     print_summary(f"merged {args.adapter} into {args.base} -> {args.output} ({args.to}) in {time.time() - t0:.1f}s",
                   summary)
     if summary.get("exact") is False:
@@ -123,7 +130,7 @@ def cmd_merge(args) -> int:
         say(f"note: {summary.get('zeros_moved')} of {summary.get('zeros_total')} zero-points were rounded to "
             f"integers (largest change {summary.get('max_zero_change', 0):.3f} code units); the artifact is not "
             f"bit-exact to the unmerged model. Use --require-exact to refuse, or export {exact} (float zeros).")
-    return EXIT_OK
+    return code
 
 
 def cmd_format(fmt: str) -> Callable:
@@ -131,13 +138,16 @@ def cmd_format(fmt: str) -> Callable:
     def run(args) -> int:
         t0 = time.time()
         summary = _export(fmt, args.base, args.adapter, args.output, args)
+        code = summary.pop("exit_code")
         print_summary(f"exported {args.base}{' + ' + str(args.adapter) if args.adapter else ''} -> {args.output} "
                       f"({fmt}) in {time.time() - t0:.1f}s", summary)
-        return EXIT_OK
+        return code
     return run
 
 
 def cmd_verify(args) -> int:
+    if args.base is None:
+        return _verify_bundle(args)
     from qalora_export.verify import render_markdown, verify_artifact, write_report
 
     t0 = time.time()
@@ -149,7 +159,72 @@ def cmd_verify(args) -> int:
     if args.report:
         json_path, md_path = write_report(report, args.report)
         say(f"report: {json_path} and {md_path}")
+    if args.junit_xml:
+        from qalora_export.bundle.junit import write_junit
+
+        say(f"junit: {write_junit(report, args.junit_xml)}")
     say(render_markdown(report))
+    return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+
+
+def _verify_bundle(args) -> int:
+    """``verify ARTIFACT`` without --base: checksums and the runtime against the bundle's reference."""
+    from qalora_export.bundle.check import render_bundle_markdown, verify_from_bundle
+    from qalora_export.bundle.junit import write_junit
+    from qalora_export.errors import ConfigError
+
+    if args.adapter is not None:
+        raise ConfigError("--adapter needs --base: pass both to verify against the models, or neither to verify "
+                          "against the artifact's handoff bundle")
+    t0 = time.time()
+    report = verify_from_bundle(args.artifact, args.format)
+    report["seconds"] = round(time.time() - t0, 1)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        args.report.with_suffix(".md").write_text(render_bundle_markdown(report))
+        say(f"report: {args.report} and {args.report.with_suffix('.md')}")
+    if args.junit_xml:
+        say(f"junit: {write_junit(report, args.junit_xml)}")
+    say(render_bundle_markdown(report))
+    return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
+
+
+def cmd_lora(args) -> int:
+    """``lora ADAPTER -o DIR [--<format> BASE_ARTIFACT] [--base|--verify BASE]`` (docs/lora.md)."""
+    from qalora_export.errors import ConfigError, VerificationError
+    from qalora_export.lora_export import export_lora, verify_lora_runtimes
+
+    base = args.verify or args.base
+    if args.verify and args.base and args.verify.resolve() != args.base.resolve():
+        raise ConfigError(f"--base {args.base} and --verify {args.verify} name different bases; give one")
+    attach = getattr(args, "attach", None)
+    t0 = time.time()
+    try:
+        summary = export_lora(args.adapter, args.output, base_dir=base, attach=attach, pooling=args.pooling,
+                              dtype=args.dtype, overwrite=args.overwrite)
+    except VerificationError as exc:
+        note(f"qalora-export lora: verification failed: {exc}")
+        return EXIT_VERIFY_FAILED
+    print_summary(f"plain LoRA of {args.adapter} -> {args.output} in {time.time() - t0:.1f}s", summary,
+                  skip=("weight_check",))
+    check = summary["weight_check"]
+    say(f"  weight check             {check['layers']} layers, max |dW_plain - dW_qalora| {check['max_abs_error']:.3g} "
+        f"(max |dW| {check['max_abs_delta']:.3g}): {'passed' if check['passed'] else 'FAILED'}")
+    report = {"export": summary, "passed": check["passed"]}
+    if args.verify:
+        report["runtime"] = verify_lora_runtimes(args.adapter, args.output, args.verify, attach, pooling=args.pooling,
+                                                 timeout=args.runtime_timeout,
+                                                 progress=lambda name: note(f"lora: checking in {name}..."))
+        report["passed"] = report["passed"] and report["runtime"]["passed"]
+        for name, result in report["runtime"].items():
+            if isinstance(result, dict):
+                say(f"  runtime {name:16s} {'passed' if result.get('passed') else 'FAILED'}"
+                    + (f" ({result['error']})" if result.get("error") else ""))
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        say(f"report: {args.report}")
     return EXIT_OK if report["passed"] else EXIT_VERIFY_FAILED
 
 

@@ -22,6 +22,7 @@ FORMATS: dict[str, str] = {
     "gptq": "qalora_export.formats.gptq",
     "onnx": "qalora_export.formats.onnx",
     "gguf": "qalora_export.formats.gguf",
+    "mlx": "qalora_export.formats.mlx",
 }
 #: ``merge --to`` without the flag: the format the base already is (an AutoGPTQ checkpoint).
 DEFAULT_FORMAT = "gptq"

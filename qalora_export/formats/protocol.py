@@ -14,12 +14,14 @@ import argparse
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Protocol, Union, runtime_checkable
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.core.plain_lora import PlainLoRA
     from qalora_export.core.record import QuantizedLinear
     from qalora_export.core.weight_rows import WeightRows
     from qalora_export.extras import Requirement
@@ -41,6 +43,19 @@ class MemoryModel:
     float_tensor_copies: float
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """What a format tells the handoff bundle (docs/design.md §11) about one of its artifacts."""
+
+    runtime: str  # the runtime it runs in, with versions: "llama.cpp (llama-cpp-python 0.3.36)"
+    install: str  # the pip line that installs that runtime next to this tool
+    snippet: str  # markdown: copy-paste code that runs the artifact in its runtime
+    limits: tuple[str, ...]  # what the format cannot hold, or how it stores the fold
+    gate: dict  # metric -> {"max": x} | {"min": x}: the runtime level's limits for verify without a base
+    near_tie_factor: float  # a top-1 / greedy divergence passes when the reference margin <= this x max |dlogit|
+    tokenizer_fingerprint: str  # sha256 of the artifact's tokenizer as the format stores it
+
+
 @runtime_checkable
 class Format(Protocol):
     """One output format. Tensor shapes follow PyTorch: a linear's weight is ``[out, in]``."""
@@ -57,6 +72,7 @@ class Format(Protocol):
     memory: MemoryModel
     holds_float_zeros: bool  # stores fractional folded zero-points exactly (no rounding)
     writes_shards: bool  # writes safetensors shards of ``max_shard_bytes`` (a plan lists them)
+    writes_lora: bool  # attaches a plain LoRA to its artifacts: export_lora / verify_lora (docs/lora.md)
 
     def detect(self, path: Path) -> bool:
         """Whether ``path`` is an artifact of this format (cheap: file names and suffixes only)."""
@@ -86,8 +102,28 @@ class Format(Protocol):
                        device: str) -> dict:
         """Run ``artifact`` in the real runtime against the unmerged PyTorch model; ``result["passed"]``."""
 
+    def runtime_outputs(self, artifact: Path, prompts: list[list[int]], n_new: int,
+                        workdir: Path) -> tuple[list["np.ndarray"], list[list[int]]]:
+        """``artifact`` run in its real runtime, in a child process (``runtimes.isolation``): logits
+        float32 ``[T, V]`` per prompt and its greedy continuation (``n_new`` tokens, fewer when the
+        runtime stops at an end-of-sequence token). Needs ``runtime_requires`` only."""
+
+    def handoff(self, artifact: Path, runtime_report: Optional[dict]) -> Handoff:
+        """The bundle's format-specific facts about ``artifact``; ``runtime_report`` is its runtime
+        level's result when the export ran it (floors measured there become the bundle's limits)."""
+
     def inspect(self, path: Path) -> dict:
         """A short JSON-able description of an artifact of this format."""
+
+    def export_lora(self, lora: "PlainLoRA", out_dir: Path, base_artifact: Path) -> dict:
+        """Write ``lora`` (a plain LoRA, ``core.plain_lora``) as the adapter file(s) this format's runtime
+        loads next to ``base_artifact`` (checked to match it), into the existing directory ``out_dir``
+        (the caller's atomic output); a JSON-able summary with ``files``. Only when ``writes_lora``."""
+
+    def verify_lora(self, model: "MergedView", lora_dir: Path, base_artifact: Path, prompts: list[list[int]],
+                    workdir: Path) -> dict:
+        """The LoRA in ``lora_dir`` applied unmerged to ``base_artifact`` in the real runtime, against the
+        unmerged PyTorch model ``model`` (base + QA-LoRA adapter); ``result["passed"]``."""
 
     def output_bytes(self, config: dict, bits: int, group_size: int) -> int:
         """Approximate tensor bytes of an export of a model with this ``config.json`` (for plans)."""
@@ -109,6 +145,10 @@ class StagedFormat:
     ``declared_layer``    ``read.declared_layer(model, name, meta)``; else the exact fold
     ``verify_runtime``    ``verify.verify_runtime(model, artifact, prompts, workdir, device=device)``
     ``inspect``           ``read.inspect(path)``
+    ``runtime_outputs``   ``handoff.runtime_outputs(artifact, prompts, n_new, workdir)``
+    ``handoff``           ``handoff.handoff(artifact, runtime_report)``
+    ``export_lora``       ``lora.export_lora(lora, out_dir, base_artifact)`` (``writes_lora``)
+    ``verify_lora``       ``lora.verify_lora(model, lora_dir, base_artifact, prompts, workdir)``
     ====================  ==================================================================
 
     A format subclasses it in its package's ``__init__`` and adds the members that are data or
@@ -144,8 +184,31 @@ class StagedFormat:
                        device: str) -> dict:
         return self._stage("verify", "verify_runtime")(model, artifact, prompts, workdir, device=device)
 
+    def runtime_outputs(self, artifact: Path, prompts: list[list[int]], n_new: int,
+                        workdir: Path) -> tuple[list["np.ndarray"], list[list[int]]]:
+        return self._stage("handoff", "runtime_outputs")(artifact, prompts, n_new, workdir)
+
+    def handoff(self, artifact: Path, runtime_report: Optional[dict]) -> Handoff:
+        return self._stage("handoff", "handoff")(artifact, runtime_report)
+
     def inspect(self, path: Path) -> dict:
         return self._stage("read", "inspect")(path)
+
+    writes_lora = False  # a format with a ``lora`` stage sets it (docs/lora.md)
+
+    def export_lora(self, lora: "PlainLoRA", out_dir: Path, base_artifact: Path) -> dict:
+        return self._lora_stage("export_lora")(lora, out_dir, base_artifact)
+
+    def verify_lora(self, model: "MergedView", lora_dir: Path, base_artifact: Path, prompts: list[list[int]],
+                    workdir: Path) -> dict:
+        return self._lora_stage("verify_lora")(model, lora_dir, base_artifact, prompts, workdir)
+
+    def _lora_stage(self, name: str):
+        if not self.writes_lora:
+            from qalora_export.errors import ConfigError
+
+            raise ConfigError(f"the {type(self).__name__} format attaches no plain LoRA (docs/lora.md)")
+        return self._stage("lora", name)
 
 
 def parse_byte_size(text: str) -> int:

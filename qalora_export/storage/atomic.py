@@ -124,6 +124,38 @@ def atomic_output_files(paths: Sequence[Path], overwrite: bool = False) -> Itera
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_output_group(anchor: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``anchor``; on success move every entry made in it into
+    ``anchor``'s directory: an artifact and what ships beside it (its handoff bundle) appear together.
+
+    Directories move before files, so a single-file artifact never appears without the bundle
+    directory beside it. Each target is checked before anything moves (``OutputExistsError`` unless
+    ``overwrite``); errors as :func:`atomic_output_dir`.
+    """
+    anchor = Path(anchor)
+    check_output_path(anchor, overwrite)
+    tmp = _temp_dir_beside(anchor)
+    try:
+        with _write_errors(anchor):
+            yield tmp
+            _normal_permissions(tmp)
+            entries = sorted(tmp.iterdir(), key=lambda p: (not p.is_dir(), p.name))
+            for entry in entries:
+                check_output_path(anchor.parent / entry.name, overwrite)
+            for entry in entries:
+                target = anchor.parent / entry.name
+                if target.exists() or target.is_symlink():
+                    backup = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".old", dir=anchor.parent))
+                    os.rename(target, backup / "old")
+                    os.rename(entry, target)
+                    shutil.rmtree(backup, ignore_errors=True)
+                else:
+                    os.rename(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # errno values that mean "the output does not fit", and how the safetensors writer (Rust) words them.
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")

@@ -31,8 +31,9 @@ import torch
 
 # safetensors' dtype names, in the order save_file lays tensors out (its Dtype enum, descending).
 DTYPE_ORDER: tuple[tuple[torch.dtype, str], ...] = (
-    (torch.int64, "I64"), (torch.float64, "F64"), (torch.float32, "F32"), (torch.int32, "I32"),
-    (torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.int16, "I16"), (torch.int8, "I8"),
+    (torch.int64, "I64"), (torch.float64, "F64"), (torch.float32, "F32"),
+    (torch.uint32, "U32"),  # MLX's packed quantized weights (formats/mlx)
+    (torch.int32, "I32"), (torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.int16, "I16"), (torch.int8, "I8"),
     (torch.uint8, "U8"), (torch.bool, "BOOL"),
 )
 _DTYPE_NAME = {dt: name for dt, name in DTYPE_ORDER}

@@ -20,7 +20,8 @@ RECORD = HERE / "artifact_hashes.json"
 CASES: dict[str, tuple[str, dict]] = {
     "gptq_v2": ("gptq", {}),
     "gptq_v1_rounded": ("gptq", {"checkpoint_format": "gptq", "max_shard_bytes": 40_000_000}),
-    "onnx_float": ("onnx", {}),
+    "onnx_float": ("onnx", {"zero_points": "float"}),
+    "onnx_auto": ("onnx", {}),  # the default: zero_points "auto" (packed q/k/v and gate/up)
     "onnx_split": ("onnx", {"zero_points": "split"}),
     "onnx_uint8_rounded_fp16": ("onnx", {"zero_points": "uint8", "allow_rounding": True, "dtype": "fp16",
                                          "accuracy_level": 4}),
@@ -34,9 +35,12 @@ def tree_hashes(path: Path, workdir: Path) -> dict[str, str]:
 
     Paths under ``workdir`` that a JSON file records (the adapter's ``base_model_name_or_path``)
     are hashed as ``<workdir>``: the bytes that depend on where the test ran are not the artifact's.
+    A directory artifact's handoff bundle (``handoff/``: versions, paths, timings) is left out: only
+    model files are compared (:func:`check_bundle_sums` ties the bundle to them).
     """
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.relative_to(path).parts[0] != "handoff"
+                   ) if path.is_dir() else [path]
     root = path if path.is_dir() else path.parent
     hashes = {}
     for p in files:
@@ -56,18 +60,32 @@ def export_all(base: Path, workdir: Path) -> dict[str, dict[str, str]]:
     sys.path.insert(0, str(HERE.parent))
     import tiny_models  # noqa: E402  (tests/ helpers)
 
-    from qalora_export.formats import get_format
-    from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.bundle.write import export_with_bundle
 
     adapter = tiny_models.make_random_adapter(base, workdir / "adapter", rank=8, alpha=16.0, seed=7)
     hashes = {"adapter": tree_hashes(adapter, base.parent)}
     for case, (fmt, options) in CASES.items():
-        model = MergedView.open(base, adapter)
         out = workdir / artifact_name(fmt, case)
-        get_format(fmt).export(model, out, **options)
+        # the CLI's export path: the format's files, verify's weight level and the handoff bundle
+        export_with_bundle(fmt, base, adapter, out, options, runtime=False)
         written = sorted(workdir.glob(f"{case}*.gguf")) if fmt == "gguf" else [out]
         hashes[case] = {k: v for p in written for k, v in tree_hashes(p, base.parent).items()}
+        check_bundle_sums(written[0], hashes[case])
     return hashes
+
+
+def check_bundle_sums(artifact: Path, hashes: dict[str, str]) -> None:
+    """The bundle's SHA256SUMS lists exactly the model files, with the hashes computed here (JSON
+    files that record a path excepted: those are hashed here with the path replaced)."""
+    from qalora_export.bundle import SUMS, bundle_dir
+    from qalora_export.bundle.checksums import read_sums
+
+    bundle = bundle_dir(artifact)
+    listed = {name.removeprefix("../"): digest for digest, name in read_sums(bundle / SUMS) if name.startswith("../")}
+    assert set(listed) == set(hashes), (sorted(listed), sorted(hashes))
+    for name, digest in listed.items():
+        if not name.endswith(".json"):
+            assert digest == hashes[name], f"{artifact}: SHA256SUMS disagrees on {name}"
 
 
 def quantize_and_export_all(float_dir: Path, workdir: Path) -> dict[str, dict[str, str]]:

@@ -22,6 +22,9 @@ def _verb_args(tmp_path: Path, verb: str) -> list[str]:
     onnx_dir = tmp_path / "onnx"
     onnx_dir.mkdir()
     (onnx_dir / "model.onnx").write_bytes(b"")
+    mlx_dir = tmp_path / "mlx"
+    mlx_dir.mkdir()
+    (mlx_dir / "config.json").write_text('{"quantization": {"bits": 4, "group_size": 32}}')
     return {
         "onnx": ["onnx", str(base), "-o", str(tmp_path / "out-onnx")],
         "merge-onnx": ["merge", str(base), str(base), "--to", "onnx", "-o", str(tmp_path / "out-merge")],
@@ -32,6 +35,10 @@ def _verb_args(tmp_path: Path, verb: str) -> list[str]:
         "demo-gptq": ["demo", "--workdir", str(tmp_path / "demo"), "--formats", "gptq"],
         "demo-onnx": ["demo", "--workdir", str(tmp_path / "demo"), "--formats", "onnx"],
         "demo-gguf": ["demo", "--workdir", str(tmp_path / "demo"), "--formats", "gguf"],
+        "mlx": ["mlx", str(base), "-o", str(tmp_path / "out-merge")],
+        "merge-mlx": ["merge", str(base), str(base), "--to", "mlx", "-o", str(tmp_path / "out-merge")],
+        "verify-mlx": ["verify", str(mlx_dir), "--base", str(base)],
+        "demo-mlx": ["demo", "--workdir", str(tmp_path / "demo"), "--formats", "mlx"],
     }[verb]
 
 
@@ -47,6 +54,10 @@ CASES = [
     ("onnxruntime", "onnx", "demo-onnx"),
     ("llama_cpp", "llamacpp", "verify-gguf"),
     ("llama_cpp", "llamacpp", "demo-gguf"),
+    ("mlx", "mlx", "mlx"),
+    ("mlx", "mlx", "merge-mlx"),
+    ("mlx_lm", "mlx", "verify-mlx"),
+    ("mlx_lm", "mlx", "demo-mlx"),
 ]
 
 

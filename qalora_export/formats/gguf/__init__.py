@@ -33,6 +33,7 @@ class GGUF(StagedFormat):
     memory = MemoryModel(baseline_bytes=500 << 20, bytes_per_weight=2.0, float_tensor_copies=0.0)
     holds_float_zeros = True
     writes_shards = False
+    writes_lora = True  # lora.py: a plain LoRA for its runtimes (docs/lora.md)
 
     def detect(self, path: Path) -> bool:
         return Path(path).is_file() and Path(path).suffix == ".gguf"

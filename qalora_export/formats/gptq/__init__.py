@@ -33,6 +33,7 @@ class GPTQ(StagedFormat):
     memory = MemoryModel(baseline_bytes=320 << 20, bytes_per_weight=0.3, float_tensor_copies=0.0)
     holds_float_zeros = False
     writes_shards = True
+    writes_lora = True  # lora.py: a plain LoRA for its runtimes (docs/lora.md)
 
     def detect(self, path: Path) -> bool:
         """A directory whose configs carry a GPTQ quantization config (a float model's do not)."""

@@ -2,7 +2,8 @@
 ``com.microsoft.MatMulNBits`` nodes holding the folded codes, scales and zero-points.
 
 Stages: ``spec`` (MatMulNBits layout, tolerances and file names as data), ``encode`` (a folded
-layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``decoder`` (the decoder's shape
+layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``lowrank`` (a split residual as
+``U @ V``), ``pack`` (q/k/v and gate/up as one node each), ``decoder`` (the decoder's shape
 and rotary caches from ``config.json``), ``graph`` (the decoder graph, built with the ``onnx``
 library), ``write`` (the artifact directory, atomically), ``genai`` (``genai_config.json``), ``read`` (this project's own reader),
 ``verify`` and ``runtime`` (onnxruntime and onnxruntime-genai, in a child process).
@@ -43,9 +44,11 @@ class ONNX(StagedFormat):
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         from qalora_export.formats.onnx.spec import ACCURACY_LEVELS, DTYPES
 
-        parser.add_argument("--zero-points", choices=("float", "split", "uint8"), default="float",
-                            help="float: exact, onnxruntime's slow CPU path; split: exact, uint8 integer part plus a "
-                                 "per-group correction (fast path); uint8: needs integral zeros (or --allow-rounding)")
+        parser.add_argument("--zero-points", choices=("auto", "float", "split", "uint8"), default="auto",
+                            help="auto (default): exact and fastest: uint8 where the folded zeros are integral, else "
+                                 "split, with q/k/v and gate/up packed into one node each; float: exact, onnxruntime's "
+                                 "slow CPU path; split: exact, uint8 integer part plus a per-group correction; "
+                                 "uint8: needs integral zeros (or --allow-rounding)")
         parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=0,
                             help="MatMulNBits accuracy_level (4 = int8 activations, faster, not exact)")
         parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="activation/scale dtype")

@@ -47,8 +47,8 @@ def relayable(layer: QuantizedLinear) -> bool:
 
 
 def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str = "fp32",
-                  allow_rounding: bool = False,
-                  qweight: Optional[np.ndarray] = None) -> tuple["NBitsLinear", dict]:
+                  allow_rounding: bool = False, qweight: Optional[np.ndarray] = None,
+                  base_zeros: Optional[torch.Tensor] = None) -> tuple["NBitsLinear", dict]:
     """One folded layer as MatMulNBits inputs, and what storing it lost.
 
     Args:
@@ -56,11 +56,15 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
             :func:`relayable` layer: ``B`` is then re-laid from its words and ``layer.codes`` is not
             read, so a record from ``read_layer(with_codes=False)`` does. Same bytes as packing
             the unpacked codes (the fold never changes codes).
+        base_zeros: with "auto", the base's integer zero-points ``[G, out]`` before the fold: a
+            fractional fold is then stored as those plus the residual ``U @ V`` of rank <= the
+            adapter's (``lowrank.py``) when that holds it within a tenth of the tolerance; else, and
+            without them, as "split".
 
     Returns:
         the :class:`~qalora_export.formats.onnx.graph.NBitsLinear` and ``{"name", "max_abs_error", "rel_error",
-        "rounded"}`` where the errors compare the stored weight with the record's float64
-        ``scale * (q - zero)``.
+        "rounded", "zeros_moved", "residual"}`` where the errors compare the stored weight with the
+        record's float64 ``scale * (q - zero)`` and ``residual`` says whether a split residual was needed.
     """
     from qalora_export.formats.onnx.graph import NBitsLinear
 
@@ -84,7 +88,7 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
     if not np.array_equal(scales.astype(np.float64), scales64):
         raise FormatLimitError(f"{layer.name}: a scale is not representable in {dtype}; export with --dtype fp32")
 
-    residual = None
+    residual = residual_v = None
     if zero_points == "float":
         if bits not in spec.FLOAT_ZERO_POINT_BITS:
             raise FormatLimitError(
@@ -94,12 +98,19 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
             )
         stored = zeros64.astype(io)
         stored64 = stored.astype(np.float64)
-    elif zero_points == "split":
+    elif zero_points in ("split", "auto"):  # auto: split, whose residual is omitted where zeros are integral
         # W = scale * (q - zi) - scale * (zero - zi): the second term is constant per (row, group),
         # so x @ W.T = MatMulNBits(x; zi) - pool_sum(x) @ R with R[g, n] = scale * (zero - zi).
         stored = np.clip(np.round(zeros64), 0, (1 << bits) - 1).astype(np.uint8)
         frac = (zeros64 - stored.astype(np.float64))[:, ::reps]  # [N, G]
-        if np.any(frac != 0):
+        factors = None
+        if zero_points == "auto" and base_zeros is not None and np.any(frac != 0):
+            base64 = base_zeros.to(torch.float64).numpy().T[:, g_of_block]  # [N, k_blocks]
+            factors, base = _low_rank_split(b, bits, scales64, zeros64, base64, reps, io)
+        if factors is not None:  # zi = the base's zeros: R is the adapter's delta, U @ V
+            stored, (residual, residual_v) = base, factors
+            held = (residual.astype(np.float64) @ residual_v.astype(np.float64)).T.repeat(reps, axis=1) / scales64
+        elif np.any(frac != 0):
             residual = np.ascontiguousarray((scales64[:, ::reps] * frac).T.astype(io))  # [G, N]
             held = residual.astype(np.float64).T.repeat(reps, axis=1) / scales64  # zero part R holds
         else:
@@ -134,7 +145,7 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
             f"to stay exact, or pass --allow-rounding to round them and have the error reported"
         )
 
-    if zero_points in ("uint8", "split"):
+    if zero_points in ("uint8", "split", "auto"):
         zp = spec.pack_zero_points(stored, bits)
     else:
         zp = np.ascontiguousarray(stored)
@@ -142,11 +153,26 @@ def encode_linear(layer: QuantizedLinear, zero_points: str = "float", dtype: str
         k=layer.in_features, n=layer.out_features, bits=bits, block_size=block_size,
         b=b, scales=np.ascontiguousarray(scales), zero_points=zp,
         perm=perm, bias=None if layer.bias is None else layer.bias.numpy().astype(io),
-        zero_residual=residual, residual_group=layer.group_size,
+        zero_residual=residual, residual_group=layer.group_size, residual_v=residual_v,
     )
     moved = int((stored64 != zeros64).sum()) if is_rounded else 0
     return lin, {"name": layer.name, "max_abs_error": max_err, "rel_error": rel, "rounded": bool(is_rounded),
-                 "zeros_moved": moved}
+                 "zeros_moved": moved, "residual": residual is not None, "low_rank": residual_v is not None}
+
+
+def _low_rank_split(b, bits: int, scales64: np.ndarray, zeros64: np.ndarray, base64: np.ndarray, reps: int,
+                    io) -> tuple[Optional[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """``((U, V) or None, the base's zeros as uint8 [N, k_blocks])``: the residual around the base's
+    integer zeros ``R = scale * (zero - base)`` ``[G, N]`` factored (``lowrank.low_rank_factors``),
+    within a tenth of the weight tolerance. None when the base zeros are not integers in range."""
+    from qalora_export.formats.onnx.lowrank import low_rank_factors
+
+    maxq = (1 << bits) - 1
+    if np.any(base64 != np.round(base64)) or base64.min() < 0 or base64.max() > maxq:
+        return None, base64
+    r64 = np.ascontiguousarray((scales64 * (zeros64 - base64))[:, ::reps].T)  # [G, N]
+    bound = 0.1 * spec.WEIGHT_TOLERANCE * max_abs_weight(b, bits, scales64, zeros64)
+    return low_rank_factors(r64, io, bound), base64.astype(np.uint8)
 
 
 #: Blocks whose codes :func:`max_abs_weight` reads before it can stop (the largest bounds first).

@@ -29,6 +29,7 @@ protobuf never holds weight bytes and models of any size stay under protobuf's 2
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qalora_export.core.weight_rows import row_ranges
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx.decoder import decoder_config, rotary_caches
+from qalora_export.formats.onnx.pack import GATE_UP, PACKED_NODES_KEY, QKV, pack_linears, packable
 from qalora_export.storage.direct_io import DirectWriter
 
 GQA_DOMAIN = "com.microsoft"
@@ -65,6 +67,8 @@ class NBitsLinear:
         zero_residual: ``R`` ``[G, N]`` or None: the part of the zero-points the packed integers do
             not hold, times the scale; the projection is ``MatMulNBits(x) - pool_sum(x) @ R`` with
             ``pool_sum`` summing each run of ``residual_group`` (permuted) input columns.
+        residual_v: ``V`` ``[k, N]`` or None: with it ``zero_residual`` is ``U`` ``[G, k]`` and the
+            correction is ``(pool_sum(x) @ U) @ V`` (``lowrank.py``).
     """
 
     k: int
@@ -78,6 +82,7 @@ class NBitsLinear:
     bias: Optional[np.ndarray] = None
     zero_residual: Optional[np.ndarray] = None
     residual_group: int = 0
+    residual_v: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -202,7 +207,7 @@ def transposed_row_blocks(weight: np.ndarray, dtype) -> Iterator[np.ndarray]:
 
 def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: Callable[[str], np.ndarray],
                   external: ExternalData, dtype: str = "fp32", accuracy_level: int = 0,
-                  metadata: Optional[dict] = None) -> onnx.ModelProto:
+                  metadata: Optional[dict] = None, pack: bool = False) -> onnx.ModelProto:
     """The whole decoder as a ``ModelProto`` whose weights live in ``external``.
 
     Args:
@@ -213,6 +218,8 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
         dtype: io dtype, "fp32" or "fp16".
         accuracy_level: the ``accuracy_level`` attribute of every MatMulNBits node.
         metadata: string key/values for ``metadata_props``.
+        pack: q/k/v and gate/up as one MatMulNBits node each where :func:`~.pack.packable`
+            (``pack.py``); their rows are recorded under ``pack.PACKED_NODES_KEY``.
     """
     cfg = decoder_config(model_config)
     io_np = spec.DTYPES[dtype]
@@ -268,8 +275,19 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
             pooled[key] = gb.node("ReduceSum", [r, gb.const([-1])], f"/{module}/PoolGroups/ReduceSum", keepdims=0)
         return pooled[key]
 
-    def project(x: str, module: str, out_features: int) -> str:
-        lin = linear(module)
+    packed_nodes: dict[str, list] = {}
+
+    def project_group(x: str, prefix: str, group: tuple) -> tuple[Optional[str], list[str]]:
+        """``(packed output, [])`` or, unpacked, ``(None, [output of each member])``."""
+        names = [f"{prefix}.{m}" for m in group[0]]
+        lins = [linear(n) for n in names]
+        if pack and packable(lins):
+            packed_nodes[f"{prefix}.{group[1]}"] = [[n, lin.n] for n, lin in zip(names, lins)]
+            return project(x, f"{prefix}.{group[1]}", pack_linears(lins)), []
+        return None, [project(x, n, lin) for n, lin in zip(names, lins)]
+
+    def project(x: str, module: str, lin: Optional[Linear] = None) -> str:
+        lin = linear(module) if lin is None else lin
         if isinstance(lin, FloatLinear):
             w = np.asarray(lin.weight)
             wt = gb.initializer_blocks(f"{module}.weight_t", io_np, w.shape[::-1],
@@ -284,7 +302,7 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
                 x = perm_gathers[key]
             ins = [x,
                    (gb.initializer_blocks(f"{module}.MatMulNBits.B", np.uint8, lin.b.shape, lin.b.row_blocks)
-                    if isinstance(lin.b, spec.BFromQweight) else gb.initializer(f"{module}.MatMulNBits.B", lin.b)),
+                    if hasattr(lin.b, "row_blocks") else gb.initializer(f"{module}.MatMulNBits.B", lin.b)),
                    gb.initializer(f"{module}.MatMulNBits.scales", as_io(lin.scales)),
                    gb.initializer(f"{module}.MatMulNBits.zero_points",
                                   lin.zero_points if lin.zero_points.dtype == np.uint8 else as_io(lin.zero_points))]
@@ -294,36 +312,39 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
             if lin.zero_residual is not None:
                 r = gb.initializer(f"{module}.MatMulNBits.zero_residual", as_io(lin.zero_residual))
                 corr = gb.node("MatMul", [pool_sum(x, lin.residual_group, lin.k, module), r], f"/{module}/ZeroResidual/MatMul")
+                if lin.residual_v is not None:  # low rank: R = U @ V
+                    v = gb.initializer(f"{module}.MatMulNBits.zero_residual_v", as_io(lin.residual_v))
+                    corr = gb.node("MatMul", [corr, v], f"/{module}/ZeroResidual/MatMulV")
                 y = gb.node("Sub", [y, corr], f"/{module}/ZeroResidual/Sub")
         if lin.bias is not None:
             y = gb.node("Add", [y, gb.initializer(f"{module}.bias", as_io(lin.bias))], f"/{module}/BiasAdd")
         return y
 
-    q_size, kv_size = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    q_size = cfg.heads * cfg.head_dim
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         x = rms_norm(h, f"{p}.input_layernorm.weight", f"/{p}/input_layernorm")
-        q = project(x, f"{p}.self_attn.q_proj", q_size)
-        k = project(x, f"{p}.self_attn.k_proj", kv_size)
-        v = project(x, f"{p}.self_attn.v_proj", kv_size)
+        qkv, separate = project_group(x, f"{p}.self_attn", QKV)
         attn = gb.node(
-            "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len, cos_cache, sin_cache],
+            "GroupQueryAttention",  # packed QKV: query holds q, k and v; key and value left empty
+            [*([qkv, "", ""] if qkv else separate), f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             seqlens_k, total_len, cos_cache, sin_cache],
             f"/{p}/self_attn/GroupQueryAttention", domain=GQA_DOMAIN,
             outputs=[f"/{p}/self_attn/GroupQueryAttention/out0", f"present.{i}.key", f"present.{i}.value"],
             num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
             do_rotary=1, rotary_interleaved=0, local_window_size=cfg.local_window,
         )[0]
         gb.declare(attn, io_onnx, ["batch_size", "sequence_length", q_size])
-        o = project(attn, f"{p}.self_attn.o_proj", cfg.hidden)
+        o = project(attn, f"{p}.self_attn.o_proj")
         h = gb.node("Add", [h, o], f"/{p}/attn_residual")
         x = rms_norm(h, f"{p}.post_attention_layernorm.weight", f"/{p}/post_attention_layernorm")
-        gate = project(x, f"{p}.mlp.gate_proj", cfg.intermediate)
-        up = project(x, f"{p}.mlp.up_proj", cfg.intermediate)
+        gate_up, separate = project_group(x, f"{p}.mlp", GATE_UP)
+        gate, up = separate or gb.node("Split", [gate_up, gb.const([cfg.intermediate] * 2)],
+                                       f"/{p}/mlp/gate_up_proj/Split", n_out=2, axis=-1)
         sig = gb.node("Sigmoid", [gate], f"/{p}/mlp/act/Sigmoid")
         act = gb.node("Mul", [gate, sig], f"/{p}/mlp/act/Mul")
         prod = gb.node("Mul", [act, up], f"/{p}/mlp/Mul")
-        down = project(prod, f"{p}.mlp.down_proj", cfg.hidden)
+        down = project(prod, f"{p}.mlp.down_proj")
         h = gb.node("Add", [h, down], f"/{p}/mlp_residual")
 
     x = rms_norm(h, "model.norm.weight", "/model/norm")
@@ -333,7 +354,7 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
             wt = gb.node("Cast", [wt], "/lm_head/CastTiedEmbedding", to=io_onnx)
         logits = gb.node("MatMul", [x, wt], "/lm_head/MatMul")
     else:
-        logits = project(x, "lm_head", cfg.vocab)
+        logits = project(x, "lm_head")
     if io_np != np.float32:
         logits = gb.node("Cast", [logits], "/lm_head/CastLogits", to=TensorProto.FLOAT)
     gb.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/logits"))
@@ -347,6 +368,8 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.ONNX_OPSET),
                                                     helper.make_opsetid(spec.OP_DOMAIN, spec.OP_VERSION)],
                               producer_name="qalora-export", ir_version=spec.IR_VERSION)
+    if packed_nodes:
+        metadata = {**(metadata or {}), PACKED_NODES_KEY: json.dumps(packed_nodes)}
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = str(key), str(value)

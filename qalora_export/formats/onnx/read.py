@@ -16,6 +16,7 @@ from qalora_export.core.record import QuantizedLinear
 from qalora_export.core.weight_rows import WeightRows
 from qalora_export.errors import CheckpointError
 from qalora_export.formats.onnx import spec as spec
+from qalora_export.formats.onnx.pack import PACKED_NODES_KEY
 from qalora_export.formats.onnx.spec import MERGE_METADATA_KEY, MODEL_FILE
 
 # ------------------------------------------------------------------------------------ reading
@@ -99,7 +100,7 @@ def declared_layer(model, name: str, meta: dict) -> QuantizedLinear:
     for float zero-points)."""
     layer, _ = model.read_layer(name)
     zeros = layer.zeros.to(torch.float64)
-    if meta.get("zero_points") == "uint8":
+    if meta.get("zero_points") == "uint8":  # "auto" and "split" hold the fold (float64 -> fp32 residual)
         zeros = torch.round(zeros)
     else:
         zeros = zeros.to(torch.float16 if meta.get("dtype") == "fp16" else torch.float32).to(torch.float64)
@@ -130,6 +131,7 @@ def read_weight_rows(out_dir: Path) -> Iterator[tuple[str, WeightRows]]:
     proto = _load_model_proto(out_dir)
     inits = {t.name: t for t in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
+    packed = _packed_nodes(proto, out_dir)
 
     def value(name: str, node_name: str) -> np.ndarray:
         if name not in inits:
@@ -178,6 +180,12 @@ def read_weight_rows(out_dir: Path) -> Iterator[tuple[str, WeightRows]]:
         r = None
         if residual_name in inits:  # "split" zero-points: W -= R[g(i), n] over runs of K / G columns
             r = _initializer_array(inits[residual_name], out_dir).astype(np.float64)  # [G, N]
+            if f"{residual_name}_v" in inits:  # low rank (lowrank.py): R = U @ V
+                v = _initializer_array(inits[f"{residual_name}_v"], out_dir).astype(np.float64)
+                if r.ndim != 2 or v.ndim != 2 or v.shape != (r.shape[1], n):
+                    raise CheckpointError(f"{out_dir}: {residual_name} {list(r.shape)} and its _v {list(v.shape)} are "
+                                          f"not [G, k] and [k, {n}]; the model file is corrupt")
+                r = r @ v
             if r.ndim != 2 or r.shape[1] != n or r.shape[0] == 0 or k % r.shape[0]:
                 raise CheckpointError(f"{out_dir}: {residual_name} is {list(r.shape)}, expected [G, {n}] with G dividing {k}")
         perm = None
@@ -188,7 +196,39 @@ def read_weight_rows(out_dir: Path) -> Iterator[tuple[str, WeightRows]]:
                 raise CheckpointError(f"{out_dir}: the input permutation of {node.name} ({src.input[1]}) is not a "
                                       f"permutation of 0..{k - 1}; the model file is corrupt")
             perm = perm.astype(np.int64)
-        yield node.name, WeightRows((n, k), _node_rows(out_dir, node.name, k, bits, block_size, b, scales, zeros, r, perm))
+        rows = _node_rows(out_dir, node.name, k, bits, block_size, b, scales, zeros, r, perm)
+        members = packed.get(node.name, [[node.name, n]])
+        if sum(size for _, size in members) != n:
+            raise CheckpointError(f"{out_dir}: {PACKED_NODES_KEY} gives {node.name} {members}, whose rows do not add "
+                                  f"up to its N={n}; the model file is corrupt")
+        start = 0
+        for module, size in members:  # a packed node (pack.py): each module is a run of its rows
+            yield module, WeightRows((size, k), _offset_rows(rows, start))
+            start += size
+
+
+def _packed_nodes(proto, out_dir: Path) -> dict[str, list]:
+    """``{node name: [[module, rows], ...]}`` of the packed nodes (``pack.py``); empty if none."""
+    entry = next((e.value for e in proto.metadata_props if e.key == PACKED_NODES_KEY), None)
+    if entry is None:
+        return {}
+    try:
+        packed = json.loads(entry)
+        ok = isinstance(packed, dict) and all(
+            isinstance(members, list) and all(isinstance(m, list) and len(m) == 2 and isinstance(m[0], str)
+                                              and isinstance(m[1], int) and m[1] > 0 for m in members)
+            for members in packed.values())
+    except (ValueError, RecursionError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{out_dir}: metadata {PACKED_NODES_KEY} is not a JSON object of "
+                              f"[[module, rows], ...] lists; the model file is corrupt")
+    return packed
+
+
+def _offset_rows(decode, offset: int):
+    """``decode`` (rows of a whole node) shifted to start at row ``offset``."""
+    return lambda start, stop: decode(offset + start, offset + stop)
 
 
 def _node_rows(out_dir: Path, node: str, k: int, bits: int, block_size: int, b: np.ndarray, scales: np.ndarray,

@@ -62,7 +62,10 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 #: "float": float zero-points in the node (exact; onnxruntime 1.32's CPU kernel runs them on a slow
 #: path). "uint8": packed integer zero-points (exact only for integral zeros). "split": packed
 #: integer part plus a per-group residual ``- pool_sum(x) @ R`` (exact, and the fast kernel path).
-ZERO_POINT_KINDS = ("float", "uint8", "split")
+#: "auto" (the default): "split" per node, which is packed uint8 alone where the folded zeros are
+#: integral and in range, its residual factored ``U @ V`` around the base's zeros where that is
+#: low rank (``lowrank.py``), with q/k/v and gate/up packed into one node each (``pack.py``): exact, fastest.
+ZERO_POINT_KINDS = ("auto", "float", "uint8", "split")
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 # --- weight-level tolerance -------------------------------------------------------------------

@@ -3,7 +3,12 @@
 Each folded :class:`QuantizedLinear` becomes one MatMulNBits node with its integer codes
 unchanged (3-bit codes in a 4-bit container) and the folded zero-points stored
 
-- as float zero-points (default, ``zero_points="float"``): exact up to fp32 rounding of the float64
+- by default (``zero_points="auto"``) as ``split`` below, whose residual is left out of every node
+  whose folded zeros are integral and in range (then it is ``uint8``) and, where the residual
+  around the base's own integer zeros is low rank (the adapter's delta), stored as ``U @ V``
+  (``lowrank.py``), with q/k/v and gate/up packed into one node each (``pack.py``): exact, and the
+  fastest exact form on onnxruntime's CPU;
+- as float zero-points (``zero_points="float"``): exact up to fp32 rounding of the float64
   fold, which is inside :data:`WEIGHT_TOLERANCE`; onnxruntime's CPU kernel runs them for 2 and
   4-bit containers only, so 8-bit codes need ``zero_points="uint8"``;
 - as packed uint8 zero-points (``zero_points="uint8"``, the prepacked fast path of onnxruntime's
@@ -90,7 +95,7 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, overwrite: bool,
-                    metadata: dict, late_metadata=None) -> dict:
+                    metadata: dict, late_metadata=None, pack: bool = False) -> dict:
     """Build the graph with ``linear`` (module name -> Linear) and write OUT_DIR atomically.
 
     ``late_metadata()`` is called after the graph is built (when every layer has been encoded)
@@ -109,7 +114,7 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
         external = ExternalData(tmp / DATA_FILE)
         try:
             proto = build_decoder(model.model_config, linear, lambda n: _tensor_np(model, n), external,
-                                  dtype=dtype, accuracy_level=accuracy_level, metadata=metadata)
+                                  dtype=dtype, accuracy_level=accuracy_level, metadata=metadata, pack=pack)
         except BaseException:
             external.abort()
             raise
@@ -126,7 +131,7 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
                 copied.append(fname)
         gen_path = Path(model.tokenizer_dir) / "generation_config.json"
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        write_genai_config(tmp, cfg, model.model_config, generation)
+        write_genai_config(tmp, cfg, model.model_config, generation, Path(model.tokenizer_dir))
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     return {"files": sizes, "tokenizer_files": copied,
             "onnx_bytes": sizes[MODEL_FILE] + sizes[DATA_FILE]}
@@ -151,15 +156,17 @@ def _graph_modules(model_config: dict) -> list[str]:
     return [f"model.layers.{i}.{p}" for i in range(n) for p in PROJECTIONS] + ["lm_head"]
 
 
-def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int = 0, dtype: str = "fp32",
+def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int = 0, dtype: str = "fp32",
            overwrite: bool = False, allow_rounding: bool = False) -> dict:
     """Write ``model`` (a :class:`MergedView`) as an ONNX MatMulNBits decoder in ``out``.
 
     Args:
         model: the base with its adapter folded (``MergedView.open(base, adapter)``).
         out: output directory; refused if it exists unless ``overwrite``.
-        zero_points: "float" (exact, default) or "uint8" (packed; integral zeros only, else
-            ``allow_rounding``).
+        zero_points: "auto" (default: exact and fast; "split" per node, a node's residual omitted
+            where its folded zeros are integral and in range, q/k/v and gate/up packed into one
+            node each), "float" (exact, slow on CPU), "split" (exact) or "uint8" (integral zeros
+            only, else ``allow_rounding``).
         accuracy_level: MatMulNBits ``accuracy_level`` attribute (0 exact .. 4 int8 activations).
         dtype: activation / scale dtype, "fp32" or "fp16".
         allow_rounding: store zero-points a format cannot hold exactly, rounded, and report it.
@@ -196,7 +203,10 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
         if name in quantized:
             layer, fold, qweight = read_for_encoding(model, name)
             fold_shift = max(fold_shift, fold.max_abs_shift)
-            lin, st = encode_linear(layer, zero_points, dtype, allow_rounding, qweight)
+            # auto: the base's integer zeros, around which the fold's residual is the adapter's low-rank delta
+            base_zeros = (model.base.read_layer(name, with_codes=False).zeros
+                          if zero_points == "auto" and model.adapter is not None else None)
+            lin, st = encode_linear(layer, zero_points, dtype, allow_rounding, qweight, base_zeros)
             stats.append(st)
             if lin.perm is not None:
                 permuted.append(name)
@@ -220,10 +230,17 @@ def export(model, out: Path, *, zero_points: str = "float", accuracy_level: int 
             "max_weight_error": max((s["max_abs_error"] for s in stats), default=0.0),
             "max_weight_rel_error": max((s["rel_error"] for s in stats), default=0.0),
         }
+        if zero_points == "auto":  # the form "auto" chose, per quantized layer
+            split = [s["name"] for s in stats if s["residual"]]
+            record["zero_point_form"] = "split" if len(split) == len(stats) else ("uint8" if not split else "mixed")
+            record["split_layers"] = len(split)
+            record["low_rank_layers"] = sum(1 for s in stats if s["low_rank"])
+            record["uint8_layers"] = len(stats) - len(split)
+            record["packed"] = True
         return record
 
     files = _write_artifact(model, out, linear, dtype, accuracy_level, overwrite, metadata,
-                            lambda: {MERGE_METADATA_KEY: json.dumps(merge_record())})
+                            lambda: {MERGE_METADATA_KEY: json.dumps(merge_record())}, pack=zero_points == "auto")
     return {
         "format": "onnx",
         "path": str(out),

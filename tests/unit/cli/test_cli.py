@@ -35,7 +35,8 @@ def test_merge_gptq_verify_and_inspect(pipeline, capsys):
     """An integer-zero adapter folds exactly into GPTQ and passes the gate, exactness required."""
     root, base, adapter = pipeline
     out = root / "merged-gptq"
-    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--require-exact"]) == EXIT_OK
+    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--require-exact",
+                 "--no-verify"]) == EXIT_OK
     assert "exact" in capsys.readouterr().out
     report = root / "verify-gptq.json"
     assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter), "--report", str(report),
@@ -54,11 +55,11 @@ def test_rounded_gptq_merge_is_reported_and_fails_the_gate(pipeline, tmp_path, c
     root, base, _ = pipeline
     adapter = tiny_models.make_random_adapter(base, tmp_path / "float-adapter", rank=4, magnitude=0.3)
     out = tmp_path / "rounded-gptq"
-    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out)]) == EXIT_OK
+    assert main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(out), "--no-verify"]) == EXIT_OK
     assert "zero-points were rounded" in capsys.readouterr().out
     assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter)]) == EXIT_VERIFY_FAILED
     exact = tmp_path / "exact-gptq"
-    code = main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(exact), "--require-exact"])
+    code = main(["merge", str(base), str(adapter), "--to", "gptq", "-o", str(exact), "--require-exact", "--no-verify"])
     assert code == EXIT_BAD_INPUT
     assert "--require-exact" in capsys.readouterr().err
     assert not exact.exists()
@@ -68,7 +69,7 @@ def test_rounded_gptq_merge_is_reported_and_fails_the_gate(pipeline, tmp_path, c
 def test_verify_fails_for_the_wrong_adapter(pipeline, tmp_path):
     """The gate is not vacuous: the base exported without the adapter does not verify as base + adapter."""
     root, base, adapter = pipeline
-    assert main(["onnx", str(base), "-o", str(tmp_path / "plain-onnx")]) == EXIT_OK
+    assert main(["onnx", str(base), "-o", str(tmp_path / "plain-onnx"), "--no-verify"]) == EXIT_OK
     assert main(["verify", str(tmp_path / "plain-onnx"), "--base", str(base), "--adapter", str(adapter),
                  "--weights-only"]) == EXIT_VERIFY_FAILED
 
@@ -77,12 +78,12 @@ def test_verify_fails_for_the_wrong_adapter(pipeline, tmp_path):
 def test_other_formats_export_and_verify(pipeline, fmt):
     root, base, adapter = pipeline
     out = root / ("merged.gguf" if fmt == "gguf" else "merged-onnx")
-    assert main([fmt, str(base), str(adapter), "-o", str(out)]) == EXIT_OK
+    assert main([fmt, str(base), str(adapter), "-o", str(out), "--no-verify"]) == EXIT_OK
     assert main(["verify", str(out), "--base", str(base), "--adapter", str(adapter)]) == EXIT_OK
     assert main(["inspect", str(out)]) == EXIT_OK
     # the same output again is refused without --overwrite
     assert main([fmt, str(base), str(adapter), "-o", str(out)]) == EXIT_BAD_INPUT
-    assert main([fmt, str(base), str(adapter), "-o", str(out), "--overwrite"]) == EXIT_OK
+    assert main([fmt, str(base), str(adapter), "-o", str(out), "--overwrite", "--no-verify"]) == EXIT_OK
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys):

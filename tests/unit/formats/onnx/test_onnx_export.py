@@ -56,7 +56,7 @@ def _weight_errors(model: MergedView, out: Path) -> dict[str, float]:
 
 @pytest.mark.parametrize("bits, group_size, zero_points",
                          [(2, 32, "float"), (2, 16, "split"), (3, 64, "float"), (3, 32, "split"),
-                          (4, 16, "float"), (4, 32, "split")])
+                          (4, 16, "float"), (4, 32, "split"), (8, 32, "auto"), (3, 16, "auto")])
 def test_export_exact_weights_and_runtime(make_pair, tmp_path, bits, group_size, zero_points):
     model = MergedView.open(*make_pair(bits, group_size))
     out = tmp_path / "onnx"
@@ -81,7 +81,7 @@ def test_graph_holds_no_float_copy_of_quantized_weights(make_pair, tmp_path):
 
     model = MergedView.open(*make_pair(4, 32))
     out = tmp_path / "onnx"
-    onnx_write.export(model, out)
+    onnx_write.export(model, out, zero_points="float")  # "auto" adds the split residuals (test_onnx_auto.py)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     nbits = [n.name for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert sorted(nbits) == sorted(model.quantized_modules)
@@ -149,7 +149,7 @@ def test_uint8_fractional_zero_points_refused_or_rounded(make_pair, tmp_path):
 def test_eight_bit(make_pair, tmp_path):
     base, adapter = make_pair(8, 32)
     with pytest.raises(FormatLimitError, match="--zero-points split"):
-        onnx_write.export(MergedView.open(base), tmp_path / "float")
+        onnx_write.export(MergedView.open(base), tmp_path / "float", zero_points="float")
     merged = MergedView.open(base, adapter)  # fractional zeros: exact through the split residual
     summary = onnx_write.export(merged, tmp_path / "split", zero_points="split")
     assert summary["exact"] and summary["container_bits"] == 8

@@ -1,0 +1,79 @@
+"""What the handoff bundle (docs/design.md §11) says about an ONNX directory, and its outputs in
+onnxruntime for ``verify`` without a base: full-sequence logits and greedy decoding with the KV cache,
+on the CPU provider at accuracy level 0, judged with the runtime level's fixed tolerances (``spec``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from qalora_export.formats.bundle_facts import directory_tokenizer_fingerprint, versions
+from qalora_export.formats.onnx import spec as spec
+from qalora_export.formats.protocol import Handoff
+from qalora_export.runtimes.isolation import call_isolated
+
+# a call that runs past this is a hang (the fixture's outputs take seconds)
+TIMEOUT_S = 1800.0
+
+
+def runtime_outputs(artifact: Path, prompts: list[list[int]], n_new: int,
+                    workdir: Path) -> tuple[list[np.ndarray], list[list[int]]]:
+    """onnxruntime's logits ``[T, V]`` and greedy continuations (stopping after an eos), in a child process."""
+    from qalora_export.formats.onnx.runtime import RUNTIME
+
+    logits, greedy = call_isolated(f"{__name__}:_outputs_here",
+                                   {"artifact": str(artifact), "prompts": prompts, "n_new": n_new,
+                                    "workdir": str(workdir)}, RUNTIME, timeout=TIMEOUT_S)
+    return logits, greedy
+
+
+def _outputs_here(artifact: str, prompts: list[list[int]], n_new: int, workdir: str) -> tuple[list, list]:
+    from qalora_export.formats.onnx import runtime as onnxrt
+
+    view = onnxrt.at_accuracy_level(Path(artifact), 0, Path(workdir) / "onnx_level0")
+    eos = onnxrt.eos_ids(view)
+    decoder = onnxrt.OrtDecoder(view)
+    try:
+        logits = [decoder.logits(p).astype(np.float32) for p in prompts]
+        greedy = [decoder.greedy(p, n_new, eos) for p in prompts]
+    finally:
+        decoder.close()
+    return logits, greedy
+
+
+def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
+    name = Path(artifact).name
+    snippet = (
+        "onnxruntime-genai (`pip install 'qalora-export[onnx]'`):\n\n"
+        "```python\n"
+        "import onnxruntime_genai as og\n\n"
+        f"model = og.Model(\"{name}\")\n"
+        "tokenizer = og.Tokenizer(model)\n"
+        "params = og.GeneratorParams(model)\n"
+        "params.set_search_options(do_sample=False, max_length=128)\n"
+        "generator = og.Generator(model, params)\n"
+        "generator.append_tokens(tokenizer.encode(\"What is the capital of France?\"))\n"
+        "while not generator.is_done():\n"
+        "    generator.generate_next_token()\n"
+        "print(tokenizer.decode(generator.get_sequence(0)))\n"
+        "```\n")
+    return Handoff(
+        runtime="onnxruntime (" + versions("onnxruntime", "onnxruntime-genai") + ")",
+        install="pip install 'qalora-export[onnx]'",
+        snippet=snippet,
+        limits=("com.microsoft.MatMulNBits: 2/4/8-bit codes (onnxruntime refuses 3), block sizes powers of two >= 16; "
+                "float zero-points (2 and 4 bits) hold the fold exactly",
+                "on CPU, float zero-points skip onnxruntime's prepacking (slower than uint8 zero-points); "
+                "the CPU provider is the one checked",
+                "verify without a base runs onnxruntime at accuracy level 0 (full recomputation for logits, "
+                "the KV cache for greedy decoding); onnxruntime-genai is checked by the export's runtime level"),
+        gate={"max_abs_logit_diff_rel": {"max": spec.RUNTIME_MAX_DLOGIT_REL},
+              "mean_kl": {"max": spec.RUNTIME_MAX_KL},
+              "top1_not_near_tie": {"max": 0},
+              "greedy_not_near_tie": {"max": 0}},
+        near_tie_factor=spec.NEAR_TIE_FACTOR,
+        tokenizer_fingerprint=directory_tokenizer_fingerprint(Path(artifact)),
+    )
