@@ -69,8 +69,8 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     noisier table)."""
     from transformers import AutoTokenizer
 
+    from qalora_export.bundle.write import export_with_bundle
     from qalora_export.checkpoint.adapter_files import load_adapter
-    from qalora_export.checkpoint.merged_view import MergedView
     from qalora_export.extras import require
     from qalora_export.fixtures.instruct_task import make_splits, write_jsonl
     from qalora_export.fixtures.smollm2 import smollm2_float_dir, smollm2_gguf_path
@@ -80,7 +80,6 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     from qalora_export.training.config import TrainConfig
     from qalora_export.training.examples import build_dataset
     from qalora_export.training.train import train_adapter
-    from qalora_export.verify import verify_artifact
 
     log = log or (lambda msg: None)
     if held_out_examples < 1:
@@ -141,16 +140,16 @@ def run_demo(workdir: Path, steps: int = 40, formats: tuple[str, ...] | list[str
     timings["evaluate_unmerged"] = time.time() - t0
 
     artifacts = {}
-    model = MergedView.open(base, adapter_dir)
     for fmt in formats:
         t0 = time.time()
         target = get_format(fmt)
         out = workdir / f"merged-{fmt}{target.output_suffix}"
         log(f"[5/6] merge -> {fmt}: {out}")
-        summary = target.export(model, out, overwrite=True)
-        log(f"[6/6] verify {out}")
-        # integer-zero training makes every fold exact: the gate fails an artifact that rounded
-        report = verify_artifact(out, base, adapter_dir, fmt=fmt, require_exact=True)
+        # the export writes the handoff bundle beside the model files and runs verify on it: integer-zero
+        # training makes every fold exact, so the gate (require_exact) fails an artifact that rounded
+        summary = export_with_bundle(fmt, base, adapter_dir, out, {"overwrite": True}, require_exact=True,
+                                     stage=lambda s, _out=out: log(f"[6/6] verify {_out}") if s == "verify" else None)
+        report = summary.pop("verify")
         (workdir / f"verify-{fmt}.json").write_text(json.dumps(report, indent=2, default=float))
         artifacts[fmt] = {"path": str(out), "summary": {k: v for k, v in summary.items() if k != "per_layer"},
                           "verify": _verify_digest(report)}

@@ -39,6 +39,9 @@ def test_demo_prints_only_our_lines(smollm2_gguf, tmp_path):
     assert foreign == [], f"{len(foreign)} foreign line(s) on the console:\n" + "\n".join(foreign[:40])
     assert proc.returncode in (0, 1), proc.stderr[-3000:]  # 1: a gate failed, still only our lines
     assert "verify gptq:" in proc.stdout and "verify gguf:" in proc.stdout
+    # every demo artifact carries its handoff bundle (docs/design.md §11)
+    for bundle in (workdir / "merged-gptq" / "handoff", workdir / "merged-gguf.gguf.bundle"):
+        assert {"README.md", "verify.json", "reference.safetensors", "SHA256SUMS"} <= {p.name for p in bundle.iterdir()}
     log = workdir / "demo.log"
     assert f"log: {log}" in proc.stderr
     assert log.stat().st_size > 0  # what was kept off the console is in the log, not lost
