@@ -83,6 +83,9 @@ def render_card(fmt: "Format", handoff: "Handoff", artifact: Path, facts: dict, 
         "",
         "## Run it", "", handoff.snippet, "",
         "## Re-check it (no base, no adapter, no training stack)", "",
+        *([] if runtime is not None else [
+            "Exported with --no-verify: there is no reference.safetensors, so only the checksums can be "
+            "re-checked here; export with --verify (the default of merge) to ship a reference.", ""]),
         "```bash",
         f"{handoff.install}",
         f"qalora-export verify {name} --junit-xml results.xml",

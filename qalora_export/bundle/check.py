@@ -88,7 +88,8 @@ def _reference(bundle: Path, fmt_name: str) -> tuple[Optional[dict], dict]:
     path = bundle / REFERENCE
     if not path.is_file():
         return None, {"name": "reference", "passed": False,
-                      "reason": f"{path} is missing: there is nothing to compare the runtime with; re-export the artifact"}
+                      "reason": f"{path} is missing: there is nothing to compare the runtime with (an export with "
+                                f"--no-verify keeps no reference); re-export the artifact with --verify"}
     try:
         reference = load_reference(path)
     except ConfigError as exc:

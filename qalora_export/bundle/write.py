@@ -76,12 +76,15 @@ def write_bundle(fmt: Format, model, adapter_dir: Optional[Path], artifact: Path
     bundle.mkdir(parents=True, exist_ok=True)
     handoff = fmt.handoff(artifact, report.get("runtime"))
     write_report(report, bundle / VERIFY_JSON)
-    prompts = fixed_prompts(model.tokenizer_dir)
-    save_reference(compute_reference(model, prompts),
-                   {"format": fmt.name, "tokenizer_fingerprint": handoff.tokenizer_fingerprint, "gate": handoff.gate,
-                    "near_tie_factor": handoff.near_tie_factor, "runtime": handoff.runtime,
-                    "runtime_level_at_export": report.get("runtime") is not None},
-                   bundle / REFERENCE)
+    if report.get("runtime") is not None:
+        # Only with the runtime level: the reference runs the whole unmerged model, which the runtime level
+        # does anyway, while --no-verify exports stream one layer at a time (docs/scale.md) and keep no reference.
+        prompts = fixed_prompts(model.tokenizer_dir)
+        save_reference(compute_reference(model, prompts),
+                       {"format": fmt.name, "tokenizer_fingerprint": handoff.tokenizer_fingerprint, "gate": handoff.gate,
+                        "near_tie_factor": handoff.near_tie_factor, "runtime": handoff.runtime,
+                        "runtime_level_at_export": True},
+                       bundle / REFERENCE)
     facts = {"base": base_facts(model), "adapter": adapter_facts(model, adapter_dir), "fold": fold_facts(summary, report)}
     (bundle / CARD).write_text(render_card(fmt, handoff, artifact, facts, report))
     bundle_files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != SUMS)

@@ -83,7 +83,9 @@ def _export(fmt_name: str, base: Path, adapter: Optional[Path], output: Path, ar
     level unless --no-verify), model card, reference and SHA256SUMS, moved into place together."""
     from qalora_export.bundle.write import export_with_bundle
     from qalora_export.formats import get_format
+    from qalora_export.storage.memory import fix_malloc_mmap_threshold
 
+    fix_malloc_mmap_threshold()  # per-layer blocks must not fragment the heap (storage/memory.py)
     fmt = get_format(fmt_name)
     bar = Progress(total=0, desc=f"merge -> {fmt.name}")
     try:

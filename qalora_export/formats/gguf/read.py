@@ -53,7 +53,7 @@ def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
     except Exception as exc:  # corrupt metadata values (gguf-py raises several types)
         raise CheckpointError(f"{path}: GGUF metadata cannot be decoded ({type(exc).__name__}: {exc})") from exc
     readers = [reader] + [_open_reader(p) for p in _other_splits(Path(path), split_no, split_count)]
-    for t in (t for r in readers for t in r.tensors):
+    for r, t in ((r, t) for r in readers for t in r.tensors):
         module = spec.hf_linear_name(t.name)
         if module is None and t.name == spec.OUTPUT_TENSOR and t.tensor_type == GGMLQuantizationType.Q4_1:
             module = "lm_head"
@@ -61,6 +61,25 @@ def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
             continue
         heads = spec.qk_heads(module, n_head, n_head_kv) if permute else None
         yield module, _tensor_rows(path, t, heads)
+        _drop_pages(r, t)
+
+
+def _drop_pages(reader, tensor) -> None:
+    """Unmap the pages of ``tensor`` that decoding touched: gguf-py maps the whole file, and mapped pages
+    count as the process's memory until unmapped, so a verify of a large GGUF would otherwise grow by the
+    file's size (docs/scale.md). The mapping is read-only: dropped pages are read again if touched."""
+    import mmap
+
+    backing = getattr(reader.data, "_mmap", None)
+    if backing is None or not hasattr(backing, "madvise"):
+        return
+    start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    stop = min(int(tensor.data_offset) + int(tensor.n_bytes), len(backing))
+    if stop > start:
+        try:
+            backing.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        except (OSError, ValueError):  # memory accounting only; never fail a read over it
+            pass
 
 
 def _other_splits(first: Path, split_no, split_count) -> list[Path]:

@@ -7,7 +7,6 @@ float16/bfloat16 one with the floor its export's runtime level measured.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -25,7 +24,7 @@ def runtime_outputs(artifact: Path, prompts: list[list[int]], n_new: int,
     return run_logits_and_greedy(artifact, prompts, n_new)
 
 
-def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
+def handoff(artifact: Path, runtime_report: dict | None) -> Handoff:
     name = Path(artifact).name
     dtype = read_config(artifact).get("dtype", spec.DEFAULT_DTYPE)
     snippet = (
@@ -40,10 +39,10 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
         "France?\"}], add_generation_prompt=True)\n"
         "print(generate(model, tokenizer, prompt=prompt, max_tokens=32))\n"
         "```\n")
-    limits = ["MLX affine quantization (weight = scales * q + biases, biases = -scale * zero'): 2/3/4/5/6/8-bit "
-              "codes, group sizes 32/64/128, no act-order; the codes are the base's, unchanged",
-              "config.json states rope_theta, rope_scaling, tie_word_embeddings and head_dim at the top level, as "
-              "mlx-lm reads them (transformers 5 nests rope_theta under rope_parameters)"]
+    limits = [("MLX affine quantization (weight = scales * q + biases, biases = -scale * zero'): 2/3/4/5/6/8-bit "
+               "codes, group sizes 32/64/128, no act-order; the codes are the base's, unchanged"),
+              ("config.json states rope_theta, rope_scaling, tie_word_embeddings and head_dim at the top level, as "
+              "mlx-lm reads them (transformers 5 nests rope_theta under rope_parameters)")]
     if dtype == "float32":
         limits.append("float32 scales and biases hold the fold exactly (one rounding of -scale * zero' to float32)")
         gate = {"max_abs_logit_diff_rel": {"max": spec.RUNTIME_MAX_DLOGIT_REL},

@@ -120,6 +120,11 @@ def unpack_words(words: np.ndarray, bits: int, in_features: int) -> np.ndarray:
     rows = words.shape[0]
     if words.shape[1] * WORD_BITS != in_features * bits:
         raise ValueError(f"{words.shape[1]} words per row do not hold {in_features} codes of {bits} bits")
+    if 8 % bits == 0:  # 2/4/8 bits: whole codes per byte, LSB first (fast path: no bit stream)
+        per_byte = 8 // bits
+        shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+        data = words.view(np.uint8).reshape(rows, -1)
+        return ((data[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(rows, in_features)
     stream = np.unpackbits(words.view(np.uint8).reshape(rows, -1), axis=1, bitorder="little")
     weights = (1 << np.arange(bits, dtype=np.uint16)).astype(np.uint16)
     return (stream.reshape(rows, in_features, bits).astype(np.uint16) @ weights).astype(np.uint8)

@@ -221,9 +221,12 @@ def test_no_verify_export_has_no_floor_and_says_so(world, tmp_path):
     verify = json.loads((bundle_dir(out) / "verify.json").read_text())
     assert "runtime" not in verify and verify["weights"]["passed"]
     assert "weight level only" in (bundle_dir(out) / CARD).read_text()
+    # no runtime level, no reference (it would run the whole model; --no-verify exports stream)
+    assert not (bundle_dir(out) / REFERENCE).exists()
     code, report, _ = _verify(out, tmp_path)
     assert code == EXIT_VERIFY_FAILED
-    assert "--verify" in _check(report, "runtime mean_kl")["reason"]
+    assert _check(report, "checksums")["passed"]
+    assert "--verify" in _check(report, "reference")["reason"]
     # an existing output is refused before any work, and left as it was
     before = out.read_bytes()
     assert main(["gguf", str(world["base"]), "-o", str(out), "--no-verify"]) == EXIT_BAD_INPUT
@@ -237,8 +240,8 @@ def test_damaged_bundle_files_are_typed_errors(tmp_path):
     (tmp_path / REFERENCE).write_bytes(b"\x00" * 16)
     with pytest.raises(ConfigError, match="not a reference file"):
         load_reference(tmp_path / REFERENCE)
-    from safetensors.numpy import save_file
     import numpy as np
+    from safetensors.numpy import save_file
 
     save_file({"p0.ids": np.arange(3)}, str(tmp_path / REFERENCE), metadata={META_KEY: json.dumps({"prompts": 1})})
     with pytest.raises(ConfigError, match="lacks tensor"):
