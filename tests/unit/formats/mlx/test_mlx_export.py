@@ -26,7 +26,7 @@ pytest.importorskip("mlx_lm")
 
 MLX = get_format("mlx")
 # (bits, group size): every code width the project quantizes to, both group sizes
-CASES = [(2, 32), (3, 64), (4, 32), (8, 64)]
+CASES = [(bits, gs) for bits in (2, 3, 4, 8) for gs in (32, 64)]
 
 
 @pytest.fixture(scope="session")
