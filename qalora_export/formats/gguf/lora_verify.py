@@ -24,10 +24,11 @@ from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.errors import ConfigError
 from qalora_export.formats.gguf import spec as spec
 from qalora_export.formats.gguf.read import read_file_types, read_weights
-from qalora_export.formats.gguf.runtime import RUNTIME, _check_ids, run_logits_and_greedy
+from qalora_export.formats.gguf.runtime import RUNTIME, run_logits_and_greedy
 from qalora_export.formats.gguf.verify import _compare, _torch_references
 from qalora_export.formats.gguf.write import export
 from qalora_export.runtimes.isolation import call_isolated
+from qalora_export.runtimes.prompts import check_prompt_ids
 
 
 def base_weight_check(model: MergedView, base_gguf: Path) -> dict:
@@ -64,7 +65,7 @@ def _lora_logits_and_greedy_here(gguf_path: str, lora_path: str, prompts: list[l
     try:
         logits, continuations = [], []
         for k, prompt in enumerate(prompts):
-            ids = _check_ids(prompt, llm.n_vocab(), f"prompt {k}")
+            ids = check_prompt_ids(prompt, llm.n_vocab(), f"prompt {k}")
             llm.reset()
             llm.eval(ids)
             logits.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import numpy as np
 
 from qalora_export.errors import ConfigError
 from qalora_export.runtimes.isolation import RuntimeInfo, call_isolated
+from qalora_export.runtimes.prompts import check_prompt_ids
 
 RUNTIME = RuntimeInfo(
     name="llama.cpp (llama-cpp-python)",
@@ -51,15 +52,6 @@ def open_model(gguf_path: Path | str, n_ctx: int, n_threads: int = 2, logits_all
     finally:
         llm.close()
 
-
-def _check_ids(prompt: Sequence[int], n_vocab: int, where: str) -> list[int]:
-    ids = [int(t) for t in prompt]
-    if not ids:
-        raise ConfigError(f"{where}: empty prompt; give at least one token id")
-    bad = [t for t in ids if t < 0 or t >= n_vocab]
-    if bad:
-        raise ConfigError(f"{where}: token id {bad[0]} is outside the model's vocabulary of {n_vocab}")
-    return ids
 
 
 def _isolated(function: str, timeout: Optional[float], **kwargs):
@@ -128,7 +120,7 @@ def _run_logits_here(gguf_path: str, prompts: list[list[int]], n_threads: int = 
     with open_model(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True) as llm:
         n_vocab = llm.n_vocab()
         for k, prompt in enumerate(prompts):
-            ids = _check_ids(prompt, n_vocab, f"prompt {k}")
+            ids = check_prompt_ids(prompt, n_vocab, f"prompt {k}")
             llm.reset()
             llm.eval(ids)
             out.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))
@@ -143,7 +135,7 @@ def _logits_and_greedy_here(gguf_path: str, prompts: list[list[int]], n_new: int
 
 def _greedy_here(gguf_path: str, prompt_ids: list[int], n_new: int, n_threads: int = 2) -> list[int]:
     with open_model(gguf_path, n_ctx=len(prompt_ids) + n_new, n_threads=n_threads, logits_all=True) as llm:
-        ids = _check_ids(prompt_ids, llm.n_vocab(), "greedy prompt")
+        ids = check_prompt_ids(prompt_ids, llm.n_vocab(), "greedy prompt")
         llm.reset()
         llm.eval(ids)
         generated: list[int] = []

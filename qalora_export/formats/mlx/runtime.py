@@ -8,13 +8,13 @@ work in a child process (:mod:`qalora_export.runtimes.isolation`): a native cras
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from qalora_export.errors import ConfigError
 from qalora_export.runtimes.isolation import RuntimeInfo, call_isolated
+from qalora_export.runtimes.prompts import check_prompt_ids
 
 RUNTIME = RuntimeInfo(
     name="mlx-lm (MLX, CPU)",
@@ -57,15 +57,6 @@ def load_mlx_model(artifact: Path | str):
     return load_model(path)
 
 
-def _check_ids(prompt: Sequence[int], n_vocab: int, where: str) -> list[int]:
-    ids = [int(t) for t in prompt]
-    if not ids:
-        raise ConfigError(f"{where}: empty prompt; give at least one token id")
-    bad = [t for t in ids if t < 0 or t >= n_vocab]
-    if bad:
-        raise ConfigError(f"{where}: token id {bad[0]} is outside the model's vocabulary of {n_vocab}")
-    return ids
-
 
 def _logits_and_greedy_here(artifact: str, prompts: list[list[int]],
                             n_new: int) -> tuple[list[np.ndarray], list[list[int]]]:
@@ -76,7 +67,7 @@ def _logits_and_greedy_here(artifact: str, prompts: list[list[int]],
     n_vocab = int(config["vocab_size"])
     logits, continuations = [], []
     for k, prompt in enumerate(prompts):
-        ids = _check_ids(prompt, n_vocab, f"prompt {k}")
+        ids = check_prompt_ids(prompt, n_vocab, f"prompt {k}")
         full = model(mx.array([ids]))  # [1, T, V], no cache: every position at once
         logits.append(np.array(full[0].astype(mx.float32)))
         cache = make_prompt_cache(model)
