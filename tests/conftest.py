@@ -46,3 +46,21 @@ def smollm2_base(tmp_path_factory, smollm2_float) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "base-w4g32"
     quantize_model(smollm2_float, out, bits=4, group_size=32, checkpoint_format="gptq_v2")
     return out
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``family_model(name) -> family_models.FamilyModel``: one family's tiny float model with its real
+    tokenizer, its 4-bit g32 RTN base and a random adapter, built once per session on first use
+    (``name`` in ``family_models.FAMILY_NAMES``; llama.cpp's vocab files are fetched once, cached)."""
+    import family_models
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, family_models.FamilyModel] = {}
+
+    def get(name: str) -> family_models.FamilyModel:
+        if name not in built:
+            built[name] = family_models.build_family_model(name, root)
+        return built[name]
+
+    return get

@@ -191,5 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=verbs.cmd_demo)
 
     p = verb("fetch-fixture", help="fetch the SmolLM2 fixture into the cache and print its path")
+    p.add_argument("--llama-cpp-source", action="store_true",
+                   help="also fetch llama.cpp's converter, vocab files and chat templates (the "
+                        "llama-cpp-python sdist, about 75 MB; the model-family tests use them) and print their path")
     p.set_defaults(func=verbs.cmd_fetch_fixture)
     return parser

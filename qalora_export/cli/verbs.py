@@ -251,4 +251,8 @@ def cmd_fetch_fixture(args) -> int:
     from qalora_export.fixtures.smollm2 import smollm2_gguf_path
 
     say(str(smollm2_gguf_path()))
+    if args.llama_cpp_source:
+        from qalora_export.fixtures.llama_cpp_source import llama_cpp_source_dir
+
+        say(str(llama_cpp_source_dir()))
     return EXIT_OK

@@ -29,7 +29,8 @@ class Family:
         return tuple(p.rsplit(".", 1)[-1] for p in self.projections)
 
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (Family("llama"), Family("mistral"), Family("qwen2"))}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (Family("llama"), Family("mistral"), Family("qwen2"),
+                                                          Family("qwen3"))}
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 #: Leaf names of every family's projections (the adapter's possible ``target_modules``).
 TARGET_MODULES = tuple(dict.fromkeys(m for f in FAMILIES.values() for m in f.target_modules))
