@@ -6,8 +6,10 @@
 
 Ours, from the GPTQ base with a QA-LoRA adapter folded in (a random rank-16 adapter unless
 ``--adapter``): ``ours q4_1`` (the export's default, f16 token embedding; exact up to fp16 rounding
-of each block's m), ``ours q4_1 q8_0 emb`` (``--embeddings q8_0``) and ``ours f16`` (the same merged weights in f16, the reference every ratio is
-taken against). llama.cpp's, from the float model (the fixture's float directory, or the random
+of each block's m), the fast opt-ins ``ours q4_1 q8_0 emb`` (``--embeddings q8_0``) and ``ours q4_1
+q6_k emb`` (``--embeddings q6_k``: the embedding and output head as Q6_K, as llama.cpp stores the head
+of its Q4_1 files; hidden sizes that are a multiple of 256), and ``ours f16`` (the same merged weights
+in f16, the reference of the "/ ours f16" column). ``--variants`` picks a subset. llama.cpp's, from the float model (the fixture's float directory, or the random
 float model the GPTQ base was quantized from): ``convert_hf_to_gguf.py --outtype f16`` (the
 converter of the llama-cpp-python sdist, ``vendor/llama.cpp/convert_hf_to_gguf.py`` with
 ``gguf-py`` beside it, run in a child process) and ``llama_model_quantize`` (llama-cpp-python's
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 8))
+    ap.add_argument("--variants", nargs="*", help="only these files (names as printed)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the child's side of measure_in_child
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
@@ -140,18 +143,34 @@ def main(argv: list[str] | None = None) -> int:
         adapter = args.adapter or bench_onnx.random_adapter(base, work / f"{base.name}-random-adapter")
         model = MergedView.open(base, adapter)
         files, notes, exact = {}, {}, {}
-        for name, dtype, embeddings in (("ours q4_1", "q4_1", "f16"), ("ours q4_1 q8_0 emb", "q4_1", "q8_0"),
-                                        ("ours f16", "f16", "f16")):
+        hidden = int(model.model_config["hidden_size"])
+        ours = [("ours q4_1", "q4_1", "f16"), ("ours q4_1 q8_0 emb", "q4_1", "q8_0"),
+                ("ours q4_1 q6_k emb", "q4_1", "q6_k"), ("ours f16", "f16", "f16")]
+        wanted = set(args.variants or [n for n, _, _ in ours] + ["llama.cpp f16", *FTYPES])
+        for name, dtype, embeddings in ours:
+            if name not in wanted:
+                continue
+            if embeddings == "q6_k" and hidden % 256:  # Q6_K rows are 256-value blocks (llama.cpp then uses q8_0)
+                notes[name] = f"hidden size {hidden} is not a multiple of 256 (Q6_K's block)"
+                continue
             files[name] = work / f"{base.name}-{dtype}-{embeddings}.gguf"
+            t0 = time.perf_counter()
             summary = gguf.export(model, files[name], weights_dtype=dtype, embeddings=embeddings, overwrite=True)
+            seconds = time.perf_counter() - t0
             exact[name] = (f"fold exact up to fp16 m (max |dm| {summary.get('max_m_rounding', 0.0):.1e})"
                            if dtype == "q4_1" else "merged weights in f16")
+            if embeddings in ("q8_0", "q6_k"):
+                exact[name] += f"; embedding/head requantized to {embeddings} (not exact)"
+            exact[name] += f"; export {seconds:.0f} s"
         if args.convert and float_dir is not None:
             theirs = work / f"{float_dir.name}-llama.cpp-f16.gguf"
             try:
                 convert_float(args.convert, float_dir, theirs)
-                files["llama.cpp f16"], exact["llama.cpp f16"] = theirs, "n/a"
+                if "llama.cpp f16" in wanted:
+                    files["llama.cpp f16"], exact["llama.cpp f16"] = theirs, "n/a"
                 for name, ftype in FTYPES.items():
+                    if name not in wanted:
+                        continue
                     dst = work / f"{float_dir.name}-{name.replace(' ', '-')}.gguf"
                     quantize_in_child(theirs, dst, ftype)
                     files[name], exact[name] = dst, "n/a (quantizes the float model)"
@@ -170,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             rows[kind] = {"bytes": path.stat().st_size, "exact": exact[kind],
                           "prompt_tok_s": statistics.median(r[0] for r in runs[kind]),
                           "decode_tok_s": statistics.median(r[1] for r in runs[kind])}
-    ref, peer = rows["ours f16"], rows.get("llama.cpp q4_1")
+    ref, peer = rows.get("ours f16"), rows.get("llama.cpp q4_1")
     print(f"model: {base} adapter={adapter}; llama.cpp in a child process, {args.threads} threads, prompt "
           f"{args.prompt_tokens}, decode {args.decode_tokens}, median of {args.repeats} interleaved rounds; "
           f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
@@ -180,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     for kind, row in rows.items():
         vs_peer = (f"{row['prompt_tok_s'] / peer['prompt_tok_s']:.2f} | "
                    f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}" if peer else "- | -")
+        vs_ref = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "-"
         print(f"| {kind} | {row['bytes'] / 1e6:.1f} | {row['prompt_tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
-              f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f} | {vs_peer} | {row['exact']} |")
+              f"{vs_ref} | {vs_peer} | {row['exact']} |")
     for name, why in notes.items():
         print(f"{name}: not run ({why})")
     if args.json:

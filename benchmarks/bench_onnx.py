@@ -8,12 +8,15 @@ For one model it writes
   ``auto`` (the default), ``split``, ``float`` (exact) and ``uint8`` (rounded: the fold does not fit
   integer zero-points; its speed does not depend on the values), at accuracy level 0 and,
   for ``auto`` and ``uint8``, 4 (int8 activations, as the builder's CPU default),
+- ours with the lm head requantized (``--lm-head int4|int8``, the fast opt-in; the folded projections
+  stay exact): ``auto acc0 int4 head``, ``auto acc4 int4 head``, ``auto acc4 int8 head``,
 - ``builder int4``: what a user would run instead, ``python -m onnxruntime_genai.models.builder -m
   FLOAT_DIR -o OUT -p int4 -e cpu`` on the float model (the fixture's float directory, or the same
   random float model the GPTQ base was quantized from) with the same bits and block size
   (``block_size=<group size>``): once with its defaults (symmetric int4, ``accuracy_level=4``, the lm
   head quantized too), asymmetric (``is_symmetric=false``, zero-points like ours) and with the lm head
-  left float as in ours (``nodes_to_exclude=/lm_head/MatMul``).
+  left float as in ours (``nodes_to_exclude=/lm_head/MatMul``); ``builder int4 acc0`` is its default
+  model with every MatMulNBits at accuracy level 0 (a view of the same files, as verify runs ours).
 
 and measures every variant with onnxruntime-genai (the runtime both target), interleaved: each
 round loads each model once and times the prefill of a ``--prompt``-token prompt (tokens/s of
@@ -236,12 +239,20 @@ def main(argv: list[str] | None = None) -> int:
             "auto acc4": lambda out: onnx_write.export(model, out, accuracy_level=4, overwrite=True),
             "uint8 acc4": lambda out: onnx_write.export(model, out, zero_points="uint8", accuracy_level=4,
                                                         overwrite=True, allow_rounding=True),
+            # the fast opt-in: the lm head requantized (--lm-head), the folded projections still exact
+            "auto acc0 int4 head": lambda out: onnx_write.export(model, out, lm_head="int4", overwrite=True),
+            "auto acc4 int4 head": lambda out: onnx_write.export(model, out, accuracy_level=4, lm_head="int4",
+                                                                 overwrite=True),
+            "auto acc4 int8 head": lambda out: onnx_write.export(model, out, accuracy_level=4, lm_head="int8",
+                                                                 overwrite=True),
         }
         # asym: zero-points like ours (its int4 tied-embedding Gather does not load asymmetric, so the
         # embedding is not shared there); float head: the lm head left float, as in ours
         builders = {"builder int4": [], "builder int4 asym": ["is_symmetric=false", "shared_embeddings=false"],
                     "builder int4 float head": ["shared_embeddings=false", "nodes_to_exclude=/lm_head/MatMul"]}
-        wanted = set(args.variants or [*ours, *builders])
+        # the builder's default model with every MatMulNBits at accuracy level 0 (same weights; a view)
+        views = {"builder int4 acc0": "builder int4"}
+        wanted = set(args.variants or [*ours, *builders, *views])
         dirs, exact, notes = {}, {}, {}
         for name, make in ours.items():
             if name not in wanted:
@@ -249,8 +260,11 @@ def main(argv: list[str] | None = None) -> int:
             out = work / f"{base.name}-{name.replace(' ', '_')}"
             summary = make(out)
             dirs[name], exact[name] = out, str(summary.get("exact", True)).lower()
+            if summary.get("lm_head"):
+                exact[name] = f"projections {exact[name]}; lm head {summary['lm_head']['kind']} (not exact)"
         for name, extra in builders.items():
-            if name not in wanted or args.no_builder or float_dir is None:
+            needed = name in wanted or any(v in wanted and src == name for v, src in views.items())
+            if not needed or args.no_builder or float_dir is None:
                 continue
             out = work / f"{base.name}-{name.replace(' ', '_')}"
             why = run_builder(float_dir, out, model.group_size, extra, args.builder_pythonpath)
@@ -258,6 +272,14 @@ def main(argv: list[str] | None = None) -> int:
                 notes[name] = why
             else:
                 dirs[name], exact[name] = out, "n/a (quantizes the float model)"
+        for name, source in views.items():
+            if name in wanted and source in dirs:
+                from qalora_export.formats.onnx.runtime import at_accuracy_level
+
+                dirs[name] = at_accuracy_level(dirs[source], 0, work / f"{base.name}-{name.replace(' ', '_')}")
+                exact[name] = exact[source]
+        for name in [n for n in dirs if n not in wanted]:  # built only as a view's source
+            del dirs[name]
 
         vocab = int(model.model_config["vocab_size"])
         rng = np.random.default_rng(0)
@@ -283,17 +305,19 @@ def main(argv: list[str] | None = None) -> int:
                           "decode_runs": [round(t[1], 2) for t in timings]}
         ref = rows.get("fp32")
         peer, head = rows.get("builder int4"), rows.get("builder int4 float head")
+        peer0 = rows.get("builder int4 acc0")
         print(f"model: {base}  bits={model.bits} group_size={model.group_size} adapter={adapter}")
         print(f"runtime: onnxruntime-genai, prompt {len(prompt)} tokens, {args.steps} decode steps, median of "
               f"{args.repeats} interleaved rounds; load average {load_before:.2f} -> {load_after:.2f} "
               f"on {os.cpu_count()} CPUs")
         print("| variant | MB | prefill tok/s | decode tok/s | decode / fp32 | prefill / builder int4 "
-              "| decode / builder int4 | decode / builder float head | exact |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| decode / builder int4 (acc 4) | decode / builder int4 acc 0 | decode / builder float head | exact |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, row in rows.items():
             print(f"| {name} | {row['bytes'] / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | "
                   f"{row['decode_tokens_per_s']:.1f} | {_ratio(row, ref, 'decode')} | {_ratio(row, peer, 'prefill')} | "
-                  f"{_ratio(row, peer, 'decode')} | {_ratio(row, head, 'decode')} | {row['exact']} |")
+                  f"{_ratio(row, peer, 'decode')} | {_ratio(row, peer0, 'decode')} | {_ratio(row, head, 'decode')} | "
+                  f"{row['exact']} |")
         for name, why in notes.items():
             print(f"{name}: not run ({why})")
         if args.json:

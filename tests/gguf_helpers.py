@@ -65,3 +65,59 @@ def make_bpe_base(out_dir: Path, pre: str = "smollm", **kwargs) -> Path:
     base = tiny_models.make_tiny_base(out_dir, **kwargs)
     make_tiny_bpe_tokenizer(base, vocab_size=kwargs["vocab"], pre=pre)
     return base
+
+
+# ------------------------------------------------------------------------- llama.cpp's own converter
+
+
+def convert_with_llama_cpp(float_dir: Path, out: Path, vocab_only: bool = True) -> Path:
+    """``convert_hf_to_gguf.py`` of the llama-cpp-python sdist on a float Hugging Face directory, in a
+    child process with the sdist's own ``gguf-py`` (``--vocab-only``: the metadata, hyperparameters
+    included, without tensors; ``--outtype f16`` otherwise)."""
+    import os
+    import subprocess
+    import sys
+
+    from qalora_export.fixtures.llama_cpp_source import llama_cpp_source_dir
+
+    src = llama_cpp_source_dir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    mode = ["--vocab-only"] if vocab_only else ["--outtype", "f16"]
+    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(float_dir), "--outfile", str(out),
+                           *mode], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not Path(out).is_file():
+        raise RuntimeError(f"convert_hf_to_gguf.py failed on {float_dir}: {proc.stderr[-3000:]}")
+    return Path(out)
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Every metadata key of a GGUF file -> (value type name, value), as gguf-py reads them (the
+    ``GGUF.*`` header pseudo-fields left out)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {key: (field.types[0].name if field.types else None, field.contents())
+            for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def llama_cpp_vocab_tests(name: str) -> tuple[list[str], list[list[int]]]:
+    """llama.cpp's tokenizer test cases for ``models/ggml-vocab-<name>.gguf``: the ``.inp`` texts
+    (split at the ``__ggml_vocab_test__`` lines as its test-tokenizer-0 splits them) and the token
+    ids llama.cpp expects for each (``.out``)."""
+    from qalora_export.fixtures.llama_cpp_source import llama_cpp_source_dir
+
+    models = llama_cpp_source_dir() / "models"
+    raw = (models / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
+    sep, texts, pos = "\n__ggml_vocab_test__\n", [], 0
+    while pos < len(raw):
+        end = raw.find(sep, pos)
+        if end < 0:
+            texts.append(raw[pos:])
+            break
+        texts.append(raw[pos:end])
+        pos = end + len(sep)
+    expected = [[int(t) for t in line.split()]
+                for line in (models / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8").splitlines()]
+    if len(texts) != len(expected):
+        raise ValueError(f"ggml-vocab-{name}: {len(texts)} test texts but {len(expected)} expected tokenizations")
+    return texts, expected

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 # export summary keys that describe the fold, whichever format wrote them
 FOLD_KEYS = ("exact", "zeros_moved", "zeros_total", "max_zero_change", "max_fold_shift", "max_m_rounding",
-             "max_d_rounding", "zero_points", "clamped")
+             "max_d_rounding", "zero_points", "clamped", "lm_head")
 
 
 def _version(distribution: str) -> str:

@@ -21,12 +21,13 @@ from qalora_export.modeling.qalora_linear import QALoRALinear
 
 
 def check_supported(model_config: dict, source: Path | str) -> None:
-    """Refuse architectures other than the LLaMA family, naming what is supported."""
+    """Refuse architectures other than the supported families (:mod:`qalora_export.core.families`),
+    naming what is supported."""
     model_type = model_config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            f"(LLaMA, Llama-2/3, Mistral, Qwen2, SmolLM2)"
+            f"(LLaMA, Llama-2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3)"
         )
 
 

@@ -88,6 +88,24 @@ def build_skeleton(model_config: dict) -> torch.nn.Module:
     return model
 
 
+def check_one_attention_mask(config, seq_len: int) -> None:
+    """Refuse calibration windows on which the decoder layers would need different attention masks.
+
+    Every layer is run with the keyword arguments captured at layer 0 (its mask among them). Models
+    whose layers mix full and sliding-window attention (``layer_types``, e.g. Qwen2/Qwen3 with
+    ``use_sliding_window``) need one mask per type once a window is longer than ``sliding_window``;
+    on shorter windows the masks coincide.
+    """
+    types = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if len(types) > 1 and window and seq_len > int(window):
+        raise ConfigError(
+            f"the model's layers mix attention types ({', '.join(sorted(types))}; sliding_window={window}) and "
+            f"--calibration-seq-len {seq_len} is longer than the window: layer-wise GPTQ runs every layer with "
+            f"layer 0's attention mask, which is right only up to {window} tokens; pass --calibration-seq-len "
+            f"{window} or less")
+
+
 def _module_paths(model: torch.nn.Module) -> dict[int, str]:
     return {id(m): n for n, m in model.named_modules()}
 
@@ -207,6 +225,7 @@ def gptq_quantize_layerwise(source, input_ids: torch.Tensor, bits: int, group_si
         raise ConfigError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
     hessian_dtype = torch.float64 if dev.type == "cpu" else torch.float32
     model = build_skeleton(source.model_config)
+    check_one_attention_mask(model.config, int(input_ids.shape[1]))
     paths = _module_paths(model)
     embedding = model.get_input_embeddings()
     materialize_module(embedding, paths[id(embedding)], source, dev)

@@ -12,6 +12,7 @@ stay float (stored as fp16, as GPTQ checkpoints do).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 
 from qalora_export.checkpoint.float_source import open_float_model
 from qalora_export.checkpoint.gptq_codec import encode_layer
-from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, GPTQConfig, zero_range
+from qalora_export.checkpoint.gptq_config import CHECKPOINT_FORMATS, CONFIG_FILE, GPTQConfig, zero_range
 from qalora_export.checkpoint.gptq_writer import CheckpointWriter, write_configs
 from qalora_export.core.record import check_quant_args, quantize_rtn
 from qalora_export.errors import ConfigError, UnsupportedModelError
@@ -158,6 +159,11 @@ def _gptq_layers(source, tmp: Path, linear: list[str], bits: int, group_size: in
     from qalora_export.quantization.gptq_layerwise import gptq_quantize_layerwise
 
     source.save_tokenizer(tmp)
+    # The tokenizer as the checkpoint will be loaded, config.json beside it (write_configs rewrites
+    # it at the end): transformers picks the tokenizer class by the model_type there, and without it
+    # a Llama-2 / Mistral tokenizer.model loads as a LlamaTokenizer that splits runs of spaces unlike
+    # SentencePiece (and unlike every later stage, which loads it from the checkpoint).
+    (tmp / CONFIG_FILE).write_text(json.dumps(source.model_config))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp))
     ids = calibration_batch(tokenizer, calibration if calibration is not None else calibration_text(),
                             n_samples, seq_len)

@@ -5,9 +5,8 @@ Two record shapes are accepted, one JSON object per line:
 * ``{"instruction": str, "input": str (optional), "output": str}``
 * ``{"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}``
 
-Loss is taken only on assistant tokens. Assistant spans are found by rendering prefixes of the
-conversation (``messages[:k]`` with a generation prompt, then ``messages[:k+1]``) and comparing
-token prefixes, so no template-specific markers are hard-coded.
+Loss is taken only on assistant tokens: each answer and the end-of-turn token after it, found in
+the rendered conversation without template-specific markers (:mod:`qalora_export.training.chat`).
 """
 
 from __future__ import annotations
@@ -22,6 +21,12 @@ from typing import Any, Literal
 import torch
 
 from qalora_export.errors import DataError
+from qalora_export.training.chat import (  # noqa: F401  (render, has_chat_template: re-exported)
+    answer_token_spans,
+    encode,
+    has_chat_template,
+    render,
+)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -171,73 +176,24 @@ def to_messages(example: dict[str, Any]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------- tokenizing
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether ``tokenizer`` carries a chat template."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _fallback_render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    eos = getattr(tokenizer, "eos_token", None) or ""
-    parts = [getattr(tokenizer, "bos_token", None) or ""]
-    for message in messages:
-        if message["role"] == "system":
-            parts.append(f"{message['content']}\n\n")
-        elif message["role"] == "user":
-            parts.append(f"### Instruction:\n{message['content']}\n\n")
-        else:
-            parts.append(f"### Response:\n{message['content']}{eos}\n\n")
-    if add_generation_prompt:
-        parts.append("### Response:\n")
-    return "".join(parts)
-
-
-def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """Render messages as text with the chat template, or the plain fallback format."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    return _fallback_render(tokenizer, messages, add_generation_prompt)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _is_prefix(prefix: list[int], ids: list[int]) -> bool:
-    return len(prefix) <= len(ids) and ids[: len(prefix)] == prefix
-
-
 def tokenize_example(
     tokenizer: Any, messages: Sequence[dict[str, str]], max_length: int | None
 ) -> TokenizedExample:
     """Tokenize a conversation with labels on assistant tokens only.
 
-    Each assistant span ends after the end-of-turn token (the tokenizer's EOS) that follows its
-    content; whitespace the template puts after that token carries no loss. An example longer than
+    Each assistant span covers the answer's tokens and the end-of-turn token that follows them (the
+    EOS or the template's special end token, :mod:`qalora_export.training.chat`); the template's
+    markers, scaffolding and whitespace after that token carry no loss. An example longer than
     ``max_length`` is cut to ``max_length`` tokens and returned with ``truncated=True``.
     """
     if max_length is not None and max_length < 1:
         raise DataError(f"max_length must be at least 1, got {max_length}; pass a positive --max-length")
     _validate_messages(list(messages), "conversation")
-    input_ids = _encode(tokenizer, render(tokenizer, messages))
+    full = render(tokenizer, messages)
+    input_ids = encode(tokenizer, full)
     labels = [IGNORE_INDEX] * len(input_ids)
-    eos_id = getattr(tokenizer, "eos_token_id", None)
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start_ids = _encode(tokenizer, render(tokenizer, messages[:k], add_generation_prompt=True))
-        end_ids = _encode(tokenizer, render(tokenizer, messages[: k + 1]))
-        if not (_is_prefix(start_ids, end_ids) and _is_prefix(end_ids, input_ids)) or len(end_ids) == len(start_ids):
-            raise DataError(
-                f"the chat template does not render conversation prefixes as token prefixes "
-                f"(assistant message {k}); response masks cannot be computed. Use a tokenizer whose "
-                "template only appends text per message, or remove its chat_template to use the plain format"
-            )
-        end = len(end_ids)
-        if eos_id is not None and eos_id in end_ids[len(start_ids) :]:
-            end = len(end_ids) - end_ids[len(start_ids) :][::-1].index(eos_id)
-        labels[len(start_ids) : end] = input_ids[len(start_ids) : end]
+    for start, stop in answer_token_spans(tokenizer, messages, full, input_ids):
+        labels[start:stop] = input_ids[start:stop]
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]

@@ -42,7 +42,10 @@ class GGUF(StagedFormat):
         from qalora_export.formats.gguf.spec import EMBEDDING_DTYPES
 
         parser.add_argument("--embeddings", choices=EMBEDDING_DTYPES, default="f16",
-                            help="type of the token-embedding tensor in the GGUF")
+                            help="type of the token embedding and the output head (untied) in the GGUF: f16 "
+                                 "(default, the checkpoint's own values), f32, or requantized, not exact: q8_0, or "
+                                 "q6_k as llama.cpp's Q4_1 files store the head (faster decode; rows a multiple "
+                                 "of 256)")
         parser.add_argument("--split-max-size", type=parse_byte_size, default=None, metavar="SIZE",
                             help="split the GGUF into files of at most SIZE of tensors (e.g. 2GB), named "
                                  "<name>-00001-of-0000N.gguf like llama.cpp's gguf-split; llama.cpp loads the first")

@@ -63,8 +63,26 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
                 "no act-order; the folded zero-points are held exactly up to the fp16 rounding of m",
                 "llama.cpp quantizes activations, so its logits differ from PyTorch's by a floor measured at "
                 "export (the base exported the same way); near-tie top-1 flips are expected",
+                *_embedding_limits(artifact, runtime_report),
                 GREEDY_NOTE),
         gate={"mean_kl": floor_limit(floor, "mean_kl", spec.KL_FLOOR_FACTOR, spec.KL_EPSILON)},
         near_tie_factor=0.0,
         tokenizer_fingerprint=tokenizer_fingerprint(artifact),
     )
+
+
+def _embedding_limits(artifact: Path, runtime_report: Optional[dict]) -> tuple[str, ...]:
+    """A line saying so when the token embedding / output head were requantized (``--embeddings q8_0|q6_k``)."""
+    embeddings = (runtime_report or {}).get("embeddings")
+    if embeddings is None:
+        try:
+            from qalora_export.formats.gguf.read import read_file_types
+
+            embeddings = read_file_types(artifact)[1]
+        except Exception:  # noqa: BLE001 - a damaged file fails the bundle's other checks
+            return ()
+    if embeddings not in spec.REQUANTIZED_EMBEDDINGS:
+        return ()
+    return (f"token_embd (and output, when untied) requantized to {embeddings.upper()} from the checkpoint's "
+            f"float table (--embeddings {embeddings}): not exact; the floor is the base exported with the same "
+            f"types, so the gate judges the fold, not the requantized head",)

@@ -33,6 +33,7 @@ class HyperParams:
     vocab_size: int
     tied: bool
     rope_scaling: Optional[dict] = None
+    write_key_length: bool = False  # {arch}.attention.key_length / value_length (ArchSpec.key_length)
     notes: list[str] = field(default_factory=list)
 
 
@@ -44,29 +45,37 @@ def _int(cfg: dict, key: str, source: str) -> int:
 
 
 def read_hyperparams(cfg: dict, source: str = "config.json") -> HyperParams:
-    """Check a transformers config against what llama.cpp's LLaMA graph computes."""
+    """Check a transformers config against what the llama.cpp graph of its architecture computes
+    (``spec.ARCHITECTURES``)."""
     model_type = cfg.get("model_type")
     arch = spec.ARCHITECTURES.get(model_type)
     if arch is None:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} cannot be exported to GGUF by this tool; "
             f"supported: {', '.join(spec.ARCHITECTURES)}")
+    graph = f"llama.cpp's {arch.gguf_arch} graph"
     if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{source}: hidden_act={cfg.get('hidden_act')!r}; llama.cpp's LLaMA graph uses silu")
+        raise UnsupportedModelError(f"{source}: hidden_act={cfg.get('hidden_act')!r}; {graph} uses silu")
     if cfg.get("mlp_bias"):
-        raise UnsupportedModelError(f"{source}: mlp_bias=true; llama.cpp's LLaMA graph has no MLP biases")
+        raise UnsupportedModelError(f"{source}: mlp_bias=true; this tool writes no MLP biases for {graph}")
     n_head = _int(cfg, "num_attention_heads", source)
     hidden = _int(cfg, "hidden_size", source)
     head_dim = cfg.get("head_dim") or hidden // n_head
+    if not arch.free_head_dim and head_dim * n_head != hidden:
+        raise UnsupportedModelError(
+            f"{source}: head_dim={head_dim} x num_attention_heads={n_head} != hidden_size={hidden}; {graph} "
+            f"sizes its attention output projection hidden x hidden, so it cannot run this model")
     rope = dict(cfg.get("rope_parameters") or {})
     rope.update(cfg.get("rope_scaling") or {})
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in spec.ROPE_TYPES_SUPPORTED:
+    if rope_type not in arch.rope_types:
         raise UnsupportedModelError(
-            f"{source}: rope scaling {rope_type!r} is not supported for GGUF export; "
-            f"supported: {', '.join(spec.ROPE_TYPES_SUPPORTED)}")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedModelError(f"{source}: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported")
+            f"{source}: rope scaling {rope_type!r} is not computed by {graph}; "
+            f"supported for {model_type}: {', '.join(arch.rope_types)}")
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise UnsupportedModelError(f"{source}: partial_rotary_factor={partial} is not supported ({graph} "
+                                    f"rotates the whole head)")
     hp = HyperParams(
         arch=arch, n_layer=_int(cfg, "num_hidden_layers", source), hidden=hidden,
         intermediate=_int(cfg, "intermediate_size", source), n_head=n_head,
@@ -76,13 +85,33 @@ def read_hyperparams(cfg: dict, source: str = "config.json") -> HyperParams:
         rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         vocab_size=_int(cfg, "vocab_size", source), tied=bool(cfg.get("tie_word_embeddings", False)),
         rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+        write_key_length=(cfg.get("head_dim") is not None if arch.key_length == "configured"
+                          else head_dim * n_head != hidden),
     )
-    window = cfg.get("sliding_window")
-    if model_type == "mistral" and window and cfg.get("use_sliding_window", True) and window < hp.context_length:
-        # llama.cpp runs Mistral without a sliding window: exact only up to the window.
-        hp.notes.append(f"context_length limited to sliding_window={window} (llama.cpp has no sliding window for llama)")
+    window = sliding_window(cfg)
+    if window is not None and window < hp.context_length:
+        # none of these llama.cpp graphs has sliding-window attention: exact only up to the window
+        hp.notes.append(f"context_length limited to sliding_window={window} ({graph} has no sliding-window "
+                        f"attention; beyond {window} tokens it would compute a different model)")
         hp.context_length = int(window)
     return hp
+
+
+def sliding_window(cfg: dict) -> Optional[int]:
+    """The sliding window transformers applies to some layer of this config, or None.
+
+    Mistral sets ``sliding_window`` alone; Qwen2/Qwen3 also need ``use_sliding_window`` and apply it
+    to the layers ``layer_types`` marks ``sliding_attention``.
+    """
+    window = cfg.get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    if cfg.get("use_sliding_window") is False:
+        return None
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, list) and "sliding_attention" not in layer_types:
+        return None
+    return window
 
 
 def llama3_rope_factors(hp: HyperParams) -> np.ndarray:

@@ -27,7 +27,7 @@ class _Tensor:
     """One tensor of the output file: its name, stored type and how to produce its data."""
 
     name: str
-    ggml_type: str  # "Q4_1", "Q8_0", "F16", "F32"
+    ggml_type: str  # "Q4_1", "Q8_0", "Q6_K", "F16", "F32"
     shape: tuple[int, int] | tuple[int]  # logical [rows, cols] (numpy order) or [n]
     produce: Callable[[], np.ndarray]
 
@@ -36,15 +36,16 @@ class _Tensor:
         n = int(np.prod(self.shape))
         if self.ggml_type == "Q4_1":
             return n // spec.QK4_1 * spec.Q4_1_BLOCK_BYTES
-        if self.ggml_type == "Q8_0":
+        if self.ggml_type in ("Q8_0", "Q6_K"):
             from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0]
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType[self.ggml_type]]
             return n // block * size
         return n * (2 if self.ggml_type == "F16" else 4)
 
 
 def _float_array(t: torch.Tensor, ggml_type: str) -> np.ndarray:
-    """A float tensor as the stored array: F32, F16 or Q8_0 blocks (gguf-py's reference quantizer)."""
+    """A float tensor as the stored array: F32, F16, Q8_0 blocks (gguf-py's reference quantizer) or
+    Q6_K blocks (``kquant.py``)."""
     if ggml_type == "F16" and t.dtype == torch.float16 and not bool(torch.isnan(t).any()):
         # fp16 -> fp32 -> fp16 is the identity on every value but NaN payloads: keep the bytes
         return np.ascontiguousarray(t.detach().numpy())
@@ -53,6 +54,9 @@ def _float_array(t: torch.Tensor, ggml_type: str) -> np.ndarray:
         return np.ascontiguousarray(a)
     if ggml_type == "F16":
         return a.astype(np.float16)
+    if ggml_type == "Q6_K":  # kquant.py: our own encoder (gguf-py has none)
+        from qalora_export.formats.gguf.kquant import quantize_q6_k
+        return quantize_q6_k(a)
     from gguf import GGMLQuantizationType, quants
     return quants.quantize(a, GGMLQuantizationType.Q8_0)
 
@@ -129,6 +133,7 @@ def _plan(model: MergedView, hp: HyperParams, embeddings: str, weights_dtype: st
         ggml_type = "Q4_1" if weights_dtype == "q4_1" else float_type
         out = [_Tensor(f"{stem}.weight", ggml_type, (out_f, in_f), q4_1 if weights_dtype == "q4_1" else dense)]
         if f"{module}.bias" in shape_of.files:
+            _check_bias_allowed(module, hp)
             def bias() -> np.ndarray:
                 b = model.read_tensor(f"{module}.bias").to(torch.float32)
                 return (b if perm is None else b[torch.from_numpy(perm)]).numpy()
@@ -137,11 +142,15 @@ def _plan(model: MergedView, hp: HyperParams, embeddings: str, weights_dtype: st
 
     def other(key: str) -> list[_Tensor]:
         try:
-            name = spec.gguf_tensor_name(key)
+            name = spec.gguf_tensor_name(key, hp.arch)
         except KeyError:
-            raise UnsupportedModelError(f"checkpoint tensor {key} has no llama.cpp equivalent") from None
+            raise UnsupportedModelError(
+                f"checkpoint tensor {key} has no equivalent in llama.cpp's {hp.arch.gguf_arch} graph") from None
         if name is None or (name == spec.OUTPUT_TENSOR and hp.tied):
             return []
+        module, _, suffix = key.rpartition(".")
+        if suffix == "bias":
+            _check_bias_allowed(module, hp)
         shape = shape_of(key)
         if name in (spec.TOKEN_EMBD_TENSOR, spec.OUTPUT_TENSOR):
             ggml_type = emb_type
@@ -149,7 +158,6 @@ def _plan(model: MergedView, hp: HyperParams, embeddings: str, weights_dtype: st
             ggml_type = "F32"  # norms and biases
         else:
             ggml_type = float_type if weights_dtype != "q4_1" else "F16"  # a float linear left unquantized
-        module = key.rpartition(".")[0]
         perm = perm_for(module, shape[0])
 
         def produce() -> np.ndarray:
@@ -179,8 +187,29 @@ def _plan(model: MergedView, hp: HyperParams, embeddings: str, weights_dtype: st
     for key, make in globals_ + sorted(blocks, key=layer_key):
         tensors.extend(make(key))
     names = [t.name for t in tensors]
+    _check_block_tensors(names, hp)
     if spec.TOKEN_EMBD_TENSOR not in names:
         raise UnsupportedModelError("the checkpoint has no model.embed_tokens.weight")
     if not hp.tied and spec.OUTPUT_TENSOR not in names:
         raise UnsupportedModelError("tie_word_embeddings is false but the checkpoint has no lm_head.weight")
     return tensors
+
+
+def _check_bias_allowed(module: str, hp: HyperParams) -> None:
+    """Refuse a projection bias that llama.cpp's graph for this architecture does not add."""
+    leaf = module.split(".", 3)[-1] if module.startswith("model.layers.") else module
+    if leaf not in hp.arch.biases:
+        raise UnsupportedModelError(
+            f"{module}.bias: llama.cpp's {hp.arch.gguf_arch} graph has no bias for this projection "
+            f"(it adds biases to {', '.join(b.rsplit('.', 1)[-1] for b in hp.arch.biases) or 'none'}), so the "
+            f"model would run without it; this model cannot be exported to GGUF")
+
+
+def _check_block_tensors(names: list[str], hp: HyperParams) -> None:
+    """Every per-layer tensor the architecture requires (qwen3's q/k norms) is in the checkpoint."""
+    for _, gguf_name in hp.arch.block_tensors:
+        missing = [i for i in range(hp.n_layer) if f"blk.{i}.{gguf_name}" not in names]
+        if missing:
+            raise UnsupportedModelError(
+                f"llama.cpp's {hp.arch.gguf_arch} graph needs blk.N.{gguf_name} in every layer, but the checkpoint "
+                f"has none for layers {missing[:8]}; the base is not a complete {hp.arch.gguf_arch} model")

@@ -115,46 +115,91 @@ def ggml_dequantize_q4_1(blocks: np.ndarray, timeout: Optional[float] = None) ->
 def _run_logits_here(gguf_path: str, prompts: list[list[int]], n_threads: int = 2) -> list[np.ndarray]:
     if not prompts:
         return []
-    n_ctx = max(len(p) for p in prompts)
-    out = []
-    with open_model(gguf_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=True) as llm:
-        n_vocab = llm.n_vocab()
-        for k, prompt in enumerate(prompts):
-            ids = check_prompt_ids(prompt, n_vocab, f"prompt {k}")
-            llm.reset()
-            llm.eval(ids)
-            out.append(np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True))
-    return out
+    with open_model(gguf_path, n_ctx=max(len(p) for p in prompts), n_threads=n_threads, logits_all=True) as llm:
+        return [_logits(llm, prompt, f"prompt {k}") for k, prompt in enumerate(prompts)]
 
 
 def _logits_and_greedy_here(gguf_path: str, prompts: list[list[int]], n_new: int,
                             n_threads: int = 2) -> tuple[list[np.ndarray], list[list[int]]]:
-    return (_run_logits_here(gguf_path, prompts, n_threads),
-            [_greedy_here(gguf_path, p, n_new, n_threads) for p in prompts])
+    if not prompts:
+        return [], []
+    # one model for every prompt and both runs: loading it (a 150k-token vocabulary) costs more than the runs
+    with open_model(gguf_path, n_ctx=max(len(p) for p in prompts) + n_new, n_threads=n_threads,
+                    logits_all=True) as llm:
+        logits = [_logits(llm, prompt, f"prompt {k}") for k, prompt in enumerate(prompts)]
+        return logits, [_greedy(llm, prompt, n_new) for prompt in prompts]
 
 
 def _greedy_here(gguf_path: str, prompt_ids: list[int], n_new: int, n_threads: int = 2) -> list[int]:
     with open_model(gguf_path, n_ctx=len(prompt_ids) + n_new, n_threads=n_threads, logits_all=True) as llm:
-        ids = check_prompt_ids(prompt_ids, llm.n_vocab(), "greedy prompt")
-        llm.reset()
-        llm.eval(ids)
-        generated: list[int] = []
-        for _ in range(n_new):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            generated.append(token)
-            llm.eval([token])
-        return generated
+        return _greedy(llm, prompt_ids, n_new)
+
+
+def _logits(llm, prompt: list[int], label: str) -> np.ndarray:
+    """Logits ``[len(prompt), vocab]`` of ``prompt`` evaluated from an empty context."""
+    ids = check_prompt_ids(prompt, llm.n_vocab(), label)
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+
+def _greedy(llm, prompt_ids: list[int], n_new: int) -> list[int]:
+    """``n_new`` argmax tokens after ``prompt_ids``, from an empty context."""
+    ids = check_prompt_ids(prompt_ids, llm.n_vocab(), "greedy prompt")
+    llm.reset()
+    llm.eval(ids)
+    generated: list[int] = []
+    for _ in range(n_new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        generated.append(token)
+        llm.eval([token])
+    return generated
 
 
 def _tokenize_here(gguf_path: str, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+    cases = [{"text": text, "add_special": add_special, "parse_special": parse_special}]
+    return _tokenize_cases_here(gguf_path, cases, with_vocab=False)["ids"][0]
+
+
+def tokenize_cases(gguf_path: Path | str, cases: list[dict], timeout: Optional[float] = None) -> dict:
+    """llama.cpp's tokenizer of the file on many texts, the vocabulary loaded once (in a child process).
+
+    Args:
+        cases: ``{"text": str, "add_special": bool, "parse_special": bool}`` each (``add_special``:
+            add BOS/EOS as the file says; ``parse_special``: match control tokens in the text).
+
+    Returns:
+        ``{"ids": [token ids per case], "vocab": {...}}``, ``vocab`` being what llama.cpp made of the
+        file's ``tokenizer.ggml.*`` keys, defaults included: ``type`` (1 SPM, 2 BPE), ``n_tokens``,
+        the ``bos``/``eos``/``eot``/``sep``/``nl``/``pad`` ids (-1: none) and ``add_bos``/``add_eos``/``add_sep``.
+    """
+    cases = [{"text": str(c["text"]), "add_special": bool(c.get("add_special", False)),
+              "parse_special": bool(c.get("parse_special", False))} for c in cases]
+    return _isolated("_tokenize_cases_here", timeout, gguf_path=str(gguf_path), cases=cases)
+
+
+def _tokenize_cases_here(gguf_path: str, cases: list[dict], with_vocab: bool = True) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
     from llama_cpp._utils import suppress_stdout_stderr
 
     path = Path(gguf_path)
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist")
     with suppress_stdout_stderr(disable=False):  # a vocab-only context still warns about n_ctx_train = 0
         llm = Llama(str(path), vocab_only=True, verbose=False)
     try:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
+        ids = [list(llm.tokenize(c["text"].encode("utf-8"), add_bos=c["add_special"], special=c["parse_special"]))
+               for c in cases]
+        if not with_vocab:
+            return {"ids": ids}
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        facts = {"type": int(llama_cpp.llama_vocab_type(vocab)), "n_tokens": int(llama_cpp.llama_vocab_n_tokens(vocab))}
+        for kind in ("bos", "eos", "eot", "sep", "nl", "pad"):
+            facts[kind] = int(getattr(llama_cpp, f"llama_vocab_{kind}")(vocab))
+        for kind in ("add_bos", "add_eos", "add_sep"):
+            facts[kind] = bool(getattr(llama_cpp, f"llama_vocab_get_{kind}")(vocab))
+        return {"ids": ids, "vocab": facts}
     finally:
         llm.close()
 

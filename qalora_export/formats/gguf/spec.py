@@ -197,20 +197,57 @@ KL_EPSILON = 1e-4
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """How one transformers ``model_type`` maps onto a llama.cpp architecture."""
+    """How one transformers ``model_type`` maps onto a llama.cpp architecture: what that architecture's
+    graph loads and computes, and which hyperparameter keys llama.cpp's converter writes for it (so
+    that our metadata equals the converter's; tests/e2e/test_families_gguf.py compares them).
+
+    Whatever a checkpoint has beyond this (a bias the graph does not load, a rope type it does not
+    compute, q/k norms on an architecture without them) is refused by ``hparams``/``plan``.
+    """
 
     gguf_arch: str  # value of general.architecture, prefix of the hyperparameter keys
     permute_qk: bool  # llama.cpp uses interleaved (NORM) rope for this arch: permute q/k rows
+    rope_types: tuple[str, ...] = ("default", "linear")  # transformers rope_type values the graph computes
+    #: per-layer float tensors beyond the norms of :data:`BLOCK_TENSORS` (transformers suffix -> llama.cpp name)
+    block_tensors: tuple[tuple[str, str], ...] = ()
+    #: projections (``BLOCK_LINEARS`` keys) whose bias the graph adds; any other bias is refused
+    biases: tuple[str, ...] = ()
+    #: the graph allows ``head_dim * heads != hidden`` (qwen2's output projection is hidden x hidden)
+    free_head_dim: bool = True
+    #: ``{arch}.vocab_size`` and ``{arch}.rope.dimension_count``: written by the converter's llama class only
+    writes_vocab_size: bool = False
+    writes_rope_dimension: bool = False
+    #: ``{arch}.attention.key_length``/``value_length``: "configured" writes them whenever config.json
+    #: names ``head_dim`` (as the converter does); "differs" only when head_dim != hidden / heads, the
+    #: value llama.cpp assumes without them (kept for llama so that existing llama exports stay
+    #: byte-identical; docs/gguf.md)
+    key_length: str = "configured"
 
+
+_QKV_BIASES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = ArchSpec("llama", permute_qk=True, rope_types=("default", "linear", "llama3"),
+                  biases=_QKV_BIASES + ("self_attn.o_proj",), writes_vocab_size=True, writes_rope_dimension=True,
+                  key_length="differs")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("llama", permute_qk=True),
-    # llama.cpp runs Mistral as "llama" (it has no sliding-window attention for it: see gguf.py).
-    "mistral": ArchSpec("llama", permute_qk=True),
+    "llama": _LLAMA,
+    # llama.cpp runs Mistral as "llama" (its llama graph has no sliding-window attention: hparams.py
+    # limits the context length to the window)
+    "mistral": _LLAMA,
+    # NEOX rope (rotate halves, as transformers): no q/k permutation; q/k/v biases; q/o are hidden wide
+    "qwen2": ArchSpec("qwen2", permute_qk=False, biases=_QKV_BIASES, free_head_dim=False),
+    # qwen2 plus RMS norms of each head's q and k (width head_dim) before rope; biases only with
+    # attention_bias (the graph has q/k/v biases but no output-projection bias)
+    "qwen3": ArchSpec("qwen3", permute_qk=False, biases=_QKV_BIASES,
+                      block_tensors=(("self_attn.q_norm.weight", "attn_q_norm.weight"),
+                                     ("self_attn.k_norm.weight", "attn_k_norm.weight"))),
 }
 
-# rope_type values of transformers' rope config and what the converter does with them.
-ROPE_TYPES_SUPPORTED = ("default", "linear", "llama3")
+
+def arch_by_gguf_name(name: Optional[str]) -> Optional[ArchSpec]:
+    """The :class:`ArchSpec` whose ``gguf_arch`` is ``name`` (None for one this tool does not write)."""
+    return next((a for a in ARCHITECTURES.values() if a.gguf_arch == name), None)
+
 
 # ------------------------------------------------------------------------------- tensor names
 
@@ -263,10 +300,11 @@ def hf_linear_name(gguf_tensor: str) -> Optional[str]:
     return None
 
 
-def gguf_tensor_name(key: str) -> Optional[str]:
+def gguf_tensor_name(key: str, arch: Optional[ArchSpec] = None) -> Optional[str]:
     """A non-quantized checkpoint tensor (norms, embeddings, float linears) -> its llama.cpp name.
 
-    Returns None for tensors llama.cpp does not need (rotary inv_freq).
+    ``arch``'s extra per-layer tensors (qwen3's q/k norms) are named only for that architecture.
+    Returns None for tensors llama.cpp does not need (rotary inv_freq); raises KeyError otherwise.
     """
     if IGNORED_TENSOR_PATTERN.match(key):
         return None
@@ -275,8 +313,9 @@ def gguf_tensor_name(key: str) -> Optional[str]:
     match = _BLOCK_RE.match(key)
     if match:
         rest = match.group(2)
-        if rest in BLOCK_TENSORS:
-            return f"blk.{match.group(1)}.{BLOCK_TENSORS[rest]}"
+        extra = dict(arch.block_tensors) if arch is not None else {}
+        if rest in BLOCK_TENSORS or rest in extra:
+            return f"blk.{match.group(1)}.{BLOCK_TENSORS.get(rest) or extra[rest]}"
         module, _, suffix = rest.rpartition(".")
         if module in BLOCK_LINEARS and suffix in ("weight", "bias"):
             return f"blk.{match.group(1)}.{BLOCK_LINEARS[module]}.{suffix}"
@@ -306,7 +345,8 @@ def qk_row_permutation(rows: int, heads: int) -> np.ndarray:
 FILE_TYPES = {"q4_1": int(LlamaFileType.MOSTLY_Q4_1), "f32": int(LlamaFileType.ALL_F32),
               "f16": int(LlamaFileType.MOSTLY_F16)}
 WEIGHTS_DTYPES = tuple(FILE_TYPES)
-EMBEDDING_DTYPES = ("f16", "f32", "q8_0")
+EMBEDDING_DTYPES = ("f16", "f32", "q8_0", "q6_k")  # q8_0 / q6_k: requantized from the float tables
+REQUANTIZED_EMBEDDINGS = ("q8_0", "q6_k")
 QUANTIZATION_VERSION = GGML_QUANT_VERSION  # general.quantization_version of current ggml block layouts
 
 # Our own provenance keys (GGUF allows any key; llama.cpp ignores unknown ones).

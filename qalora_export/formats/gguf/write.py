@@ -38,7 +38,8 @@ def _add_metadata(writer, model: MergedView, hp: HyperParams, weights_dtype: str
     writer.add_name(str(cfg.get("_name_or_path") or model.base.directory.name))
     writer.add_file_type(spec.FILE_TYPES[weights_dtype])
     writer.add_quantization_version(spec.QUANTIZATION_VERSION)
-    writer.add_vocab_size(n_vocab)  # the embedding's rows (config vocab_size may differ)
+    if hp.arch.writes_vocab_size:
+        writer.add_vocab_size(n_vocab)  # the embedding's rows (config vocab_size may differ)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.hidden)
     writer.add_block_count(hp.n_layer)
@@ -47,8 +48,9 @@ def _add_metadata(writer, model: MergedView, hp: HyperParams, weights_dtype: str
     writer.add_head_count_kv(hp.n_head_kv)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_rope_freq_base(hp.rope_theta)
-    writer.add_rope_dimension_count(hp.head_dim)
-    if hp.head_dim * hp.n_head != hp.hidden:
+    if hp.arch.writes_rope_dimension:
+        writer.add_rope_dimension_count(hp.head_dim)
+    if hp.write_key_length:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "linear":
@@ -71,7 +73,9 @@ def export(model: MergedView, out: Path, *, embeddings: str = "f16", overwrite: 
 
     Args:
         embeddings: storage of the token embedding (and of ``output.weight`` when untied):
-            ``f16`` (default; lossless for fp16 checkpoints), ``f32`` or ``q8_0`` (requantized).
+            ``f16`` (default; lossless for fp16 checkpoints), ``f32``, or requantized (not exact, by
+            request only): ``q8_0``, ``q6_k`` (what llama.cpp's Q4_1 file type uses for the output head;
+            rows a multiple of 256, ``kquant.py``).
         overwrite: replace an existing ``out``; otherwise an existing file is refused.
         weights_dtype: ``q4_1`` (the folded codes, exact up to fp16 rounding of m) or ``f32``/``f16``
             (the unmerged effective weights ``W_hat + dW``, the noise-floor reference of docs/design.md §4).
@@ -113,6 +117,11 @@ def export(model: MergedView, out: Path, *, embeddings: str = "f16", overwrite: 
     embd = next(t for t in tensors if t.name == spec.TOKEN_EMBD_TENSOR)
     if embeddings == "q8_0" and embd.shape[1] % spec.QK4_1:
         raise FormatLimitError(f"--embeddings q8_0 needs a hidden size that is a multiple of 32, got {embd.shape[1]}")
+    if embeddings == "q6_k":
+        from qalora_export.formats.gguf.kquant import q6_k_constraint
+        problem = q6_k_constraint(f"--embeddings q6_k ({spec.TOKEN_EMBD_TENSOR})", embd.shape[1])
+        if problem:
+            raise FormatLimitError(problem)
     tok = read_tokenizer(model.tokenizer_dir, n_vocab=embd.shape[0])
 
     # gguf-py's writer plans the split files from the tensor infos (a new file when the next
@@ -121,7 +130,7 @@ def export(model: MergedView, out: Path, *, embeddings: str = "f16", overwrite: 
     writer = GGUFWriter(None, hp.arch.gguf_arch, split_max_size=split_max_bytes or 0)
     _add_metadata(writer, model, hp, weights_dtype, embeddings, tok, embd.shape[0])
     for t in tensors:
-        if t.ggml_type in ("Q4_1", "Q8_0"):
+        if t.ggml_type in ("Q4_1", "Q8_0", "Q6_K"):
             qtype = GGMLQuantizationType[t.ggml_type]
             block, size = GGML_QUANT_SIZES[qtype]
             byte_shape = (*t.shape[:-1], t.shape[-1] // block * size)

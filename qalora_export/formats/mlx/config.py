@@ -69,6 +69,10 @@ def mlx_config(model_config: dict, bits: int, group_size: int, dtype: str,
         raise UnsupportedModelError(
             f"{source}: head_dim={head_dim} differs from hidden_size / num_attention_heads = {hidden // heads}; "
             f"mlx-lm's qwen2 always uses the latter")
+    if model_type == "qwen3" and cfg.get("attention_bias"):
+        raise UnsupportedModelError(
+            f"{source}: attention_bias=true; mlx-lm's qwen3 has no q/k/v/o biases (its loader would refuse the "
+            f"weights), so this model cannot be exported to MLX; export gptq, onnx or gguf")
     notes = []
     theta, scaling = rope_settings(cfg, source)
     cfg["rope_theta"] = theta
@@ -78,8 +82,11 @@ def mlx_config(model_config: dict, bits: int, group_size: int, dtype: str,
     cfg["num_key_value_heads"] = int(cfg.get("num_key_value_heads") or heads)
     cfg["torch_dtype"] = cfg["dtype"] = dtype
     window = cfg.get("sliding_window")
-    if model_type == "mistral" and window and cfg.get("use_sliding_window", True):
-        # mlx-lm runs Mistral as llama with full attention (no layer_types): exact up to the window
+    # mlx-lm runs Mistral as llama and Qwen2/Qwen3 with full attention in every layer; transformers
+    # windows every Mistral layer, and Qwen layers from max_window_layers on when use_sliding_window
+    # is set: exact up to the window
+    sliding = cfg.get("use_sliding_window", True) if model_type == "mistral" else cfg.get("use_sliding_window", False)
+    if model_type in ("mistral", "qwen2", "qwen3") and window and sliding:
         cfg.pop("layer_types", None)
         notes.append(f"mlx-lm attends over the full context, transformers over sliding_window={window}: "
                      f"outputs agree for sequences up to {window} tokens")

@@ -42,6 +42,7 @@ class ONNX(StagedFormat):
         return Path(path).is_dir() and (Path(path) / MODEL_FILE).is_file()
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
+        from qalora_export.formats.onnx.head import LM_HEAD_KINDS
         from qalora_export.formats.onnx.spec import ACCURACY_LEVELS, DTYPES
 
         parser.add_argument("--zero-points", choices=("auto", "float", "split", "uint8"), default="auto",
@@ -52,6 +53,10 @@ class ONNX(StagedFormat):
         parser.add_argument("--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=0,
                             help="MatMulNBits accuracy_level (4 = int8 activations, faster, not exact)")
         parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="activation/scale dtype")
+        parser.add_argument("--lm-head", choices=LM_HEAD_KINDS, default="float",
+                            help="float (default): the base's own float head, exact; int8/int4: the lm head (a tied "
+                                 "embedding's table) requantized by RTN in blocks of 32 into a MatMulNBits node, "
+                                 "faster decode, not exact (recorded; verify judges it against a floor)")
         parser.add_argument("--allow-rounding", action="store_true",
                             help="with --zero-points uint8: round fractional zeros (reported)")
 
@@ -59,6 +64,8 @@ class ONNX(StagedFormat):
         options = {"zero_points": args.zero_points, "accuracy_level": args.accuracy_level, "dtype": args.dtype}
         if args.allow_rounding:
             options["allow_rounding"] = True
+        if getattr(args, "lm_head", "float") != "float":
+            options["lm_head"] = args.lm_head
         return options
 
     def inspect(self, path: Path) -> dict:

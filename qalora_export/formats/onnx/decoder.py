@@ -16,7 +16,18 @@ from qalora_export.formats.onnx import spec as spec
 if TYPE_CHECKING:
     import torch
 
+#: The families (``model_type``) this graph builds; a family the core supports but that is not
+#: here is refused, never built as a LLaMA.
+GRAPH_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ACTIVATIONS = ("silu",)
+#: rope types whose frequencies depend on the sequence length inside the context (transformers
+#: switches ``longrope`` between two sets at ``original_max_position_embeddings``); the graph's
+#: cos/sin caches hold one set. ``dynamic`` grows only past ``max_position_embeddings``, where the
+#: caches end anyway, so it is exact inside the context.
+LENGTH_DEPENDENT_ROPE = ("longrope",)
+#: Families whose attention normalizes q and k per head (RMSNorm over ``head_dim``, ``q_norm`` /
+#: ``k_norm``) before the rotary embedding.
+QK_NORM_MODEL_TYPES = ("qwen3",)
 
 
 @dataclass
@@ -34,28 +45,78 @@ class DecoderConfig:
     rms_eps: float
     tie_embeddings: bool
     context_length: int
-    local_window: int  # -1: full attention
+    layer_windows: tuple  # per layer: GroupQueryAttention's local_window_size (-1: full attention)
     attention_bias: bool
+    qk_norm: bool = False  # q_norm / k_norm per head before the rotary embedding (Qwen3)
+
+    @property
+    def local_window(self) -> int:
+        """The sliding window of every windowed layer (-1: none); see :attr:`layer_windows`."""
+        return max(self.layer_windows, default=-1)
+
+
+def _layer_windows(model_config: dict, num_layers: int) -> tuple:
+    """Each layer's attention window as transformers applies it (-1: full causal attention).
+
+    A query at position ``i`` then sees keys ``i - w + 1 .. i`` (transformers' sliding-window
+    mask ``kv > q - w``), which is what GroupQueryAttention's ``local_window_size = w`` computes
+    (measured equal: tests/unit/formats/onnx/test_onnx_families.py). Mistral windows every layer
+    (``sliding_window``); Qwen2 / Qwen3 window the layers ``layer_types`` marks
+    ``sliding_attention`` (by default those from ``max_window_layers`` on) when
+    ``use_sliding_window`` is set. Read through transformers' own config class, so that its
+    defaults and derivations apply.
+    """
+    mt = model_config.get("model_type")
+    if mt == "llama":
+        return (-1,) * num_layers
+    from qalora_export.modeling.model import hf_config_from
+
+    hf = hf_config_from(model_config)
+    window = getattr(hf, "sliding_window", None)
+    if not window:
+        return (-1,) * num_layers
+    if int(window) < 1:
+        raise UnsupportedModelError(f"sliding_window {window!r} is not a positive number of tokens")
+    if mt == "mistral":  # transformers' Mistral windows every layer, whatever layer_types says
+        return (int(window),) * num_layers
+    types = list(getattr(hf, "layer_types", None) or ["full_attention"] * num_layers)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if len(types) != num_layers or unknown:
+        raise UnsupportedModelError(
+            f"layer_types {types!r}: the ONNX graph holds full_attention and sliding_attention layers, "
+            f"one per layer ({num_layers})")
+    return tuple(int(window) if t == "sliding_attention" else -1 for t in types)
 
 
 def decoder_config(model_config: dict) -> DecoderConfig:
     """Check ``config.json`` against what this graph builds; name what is unsupported."""
     mt = model_config.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
+    if mt not in SUPPORTED_MODEL_TYPES or mt not in GRAPH_MODEL_TYPES:
+        supported = [t for t in GRAPH_MODEL_TYPES if t in SUPPORTED_MODEL_TYPES]
         raise UnsupportedModelError(
-            f"model_type {mt!r} has no ONNX decoder graph here; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"model_type {mt!r} has no ONNX decoder graph here; supported: {', '.join(supported)}")
     act = model_config.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported by the ONNX graph (supported: silu)")
-    if mt == "qwen2" and model_config.get("use_sliding_window"):
-        raise UnsupportedModelError("qwen2 with use_sliding_window=true (per-layer windows) is not supported "
-                                    "by the ONNX graph")
+    rope = model_config.get("rope_parameters") or model_config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise UnsupportedModelError(
+            f"rope_type {rope_type!r}: its frequencies change with the sequence length inside the context "
+            f"(transformers switches them at original_max_position_embeddings), but the ONNX graph's rotary "
+            f"cos/sin caches hold one set of frequencies; export a model with a static rope type")
+    partial = float(rope.get("partial_rotary_factor", model_config.get("partial_rotary_factor", 1.0)) or 1.0) \
+        if isinstance(rope, dict) else 1.0
+    if partial != 1.0:
+        raise UnsupportedModelError(
+            f"partial_rotary_factor {partial}: GroupQueryAttention rotates the whole head_dim; a partial "
+            f"rotary embedding is not supported by the ONNX graph")
     hidden = int(model_config["hidden_size"])
     heads = int(model_config["num_attention_heads"])
-    window = model_config.get("sliding_window") if mt == "mistral" else None
+    layers = int(model_config["num_hidden_layers"])
     return DecoderConfig(
         model_type=mt,
-        num_layers=int(model_config["num_hidden_layers"]),
+        num_layers=layers,
         hidden=hidden,
         heads=heads,
         kv_heads=int(model_config.get("num_key_value_heads") or heads),
@@ -65,8 +126,9 @@ def decoder_config(model_config: dict) -> DecoderConfig:
         rms_eps=float(model_config.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(model_config.get("tie_word_embeddings", False)),
         context_length=int(model_config.get("max_position_embeddings", 4096)),
-        local_window=int(window) if window else -1,
+        layer_windows=_layer_windows(model_config, layers),
         attention_bias=bool(model_config.get("attention_bias", mt == "qwen2")),
+        qk_norm=mt in QK_NORM_MODEL_TYPES,
     )
 
 

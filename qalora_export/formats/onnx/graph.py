@@ -1,4 +1,4 @@
-"""An ONNX decoder graph for the LLaMA family (LLaMA, Mistral, Qwen2, SmolLM2), KV cache included.
+"""An ONNX decoder graph for the LLaMA family (LLaMA 2/3, Mistral, Qwen2, Qwen3, SmolLM2), KV cache included.
 
 The graph follows onnxruntime-genai's conventions for its CPU decoder models so that
 ``onnxruntime_genai.Model(dir)`` runs it, and so that a plain onnxruntime loop can too:
@@ -13,7 +13,8 @@ outputs
 Per layer: ``SimplifiedLayerNormalization`` (RMSNorm), q/k/v projections, one
 ``com.microsoft.GroupQueryAttention`` (rotary applied inside from cos/sin caches, positions from
 the attention mask: ``seqlens_k = sum(mask) - 1``, ``total_sequence_length = mask.shape[1]``),
-o projection, residual add, RMSNorm, SwiGLU MLP, residual add. Then RMSNorm and the lm head (a
+o projection, residual add, RMSNorm, SwiGLU MLP, residual add (Qwen3: q and k RMS-normed per head
+first; sliding-window layers: the op's ``local_window_size``). Then RMSNorm and the lm head (a
 float ``MatMul``; with tied embeddings it reads the embedding table through a ``Transpose``, so the
 file holds the table once).
 
@@ -207,7 +208,8 @@ def transposed_row_blocks(weight: np.ndarray, dtype) -> Iterator[np.ndarray]:
 
 def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: Callable[[str], np.ndarray],
                   external: ExternalData, dtype: str = "fp32", accuracy_level: int = 0,
-                  metadata: Optional[dict] = None, pack: bool = False) -> onnx.ModelProto:
+                  metadata: Optional[dict] = None, pack: bool = False,
+                  head: Optional[tuple[str, Callable[[], Linear]]] = None) -> onnx.ModelProto:
     """The whole decoder as a ``ModelProto`` whose weights live in ``external``.
 
     Args:
@@ -220,6 +222,8 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
         metadata: string key/values for ``metadata_props``.
         pack: q/k/v and gate/up as one MatMulNBits node each where :func:`~.pack.packable`
             (``pack.py``); their rows are recorded under ``pack.PACKED_NODES_KEY``.
+        head: ``(node name, make)``: the lm head is ``make()`` under that name instead (a requantized
+            head, ``head.py``; a tied embedding's ``Gather`` keeps the float table).
     """
     cfg = decoder_config(model_config)
     io_np = spec.DTYPES[dtype]
@@ -321,10 +325,23 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
         return y
 
     q_size = cfg.heads * cfg.head_dim
+    kv_size = cfg.kv_heads * cfg.head_dim
+
+    def head_norm(y: str, p: str, which: str) -> str:
+        """Qwen3's ``q_norm`` / ``k_norm``: RMSNorm of each head of ``y`` over ``head_dim``."""
+        name = f"/{p}/self_attn/{which}_norm"
+        heads = gb.node("Reshape", [y, gb.const([0, 0, -1, cfg.head_dim])], f"{name}/Reshape")
+        normed = rms_norm(heads, f"{p}.self_attn.{which}_norm.weight", f"{name}/SimplifiedLayerNormalization")
+        return gb.node("Reshape", [normed, gb.const([0, 0, -1])], f"{name}/ReshapeBack")
+
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}"
         x = rms_norm(h, f"{p}.input_layernorm.weight", f"/{p}/input_layernorm")
         qkv, separate = project_group(x, f"{p}.self_attn", QKV)
+        if cfg.qk_norm:  # q and k normed per head before the op rotates them: q, k, v apart
+            q, k, v = separate or gb.node("Split", [qkv, gb.const([q_size, kv_size, kv_size])],
+                                          f"/{p}/self_attn/qkv_proj/Split", n_out=3, axis=-1)
+            qkv, separate = None, [head_norm(q, p, "q"), head_norm(k, p, "k"), v]
         attn = gb.node(
             "GroupQueryAttention",  # packed QKV: query holds q, k and v; key and value left empty
             [*([qkv, "", ""] if qkv else separate), f"past_key_values.{i}.key", f"past_key_values.{i}.value",
@@ -332,7 +349,7 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
             f"/{p}/self_attn/GroupQueryAttention", domain=GQA_DOMAIN,
             outputs=[f"/{p}/self_attn/GroupQueryAttention/out0", f"present.{i}.key", f"present.{i}.value"],
             num_heads=cfg.heads, kv_num_heads=cfg.kv_heads, scale=1.0 / math.sqrt(cfg.head_dim),
-            do_rotary=1, rotary_interleaved=0, local_window_size=cfg.local_window,
+            do_rotary=1, rotary_interleaved=0, local_window_size=cfg.layer_windows[i],
         )[0]
         gb.declare(attn, io_onnx, ["batch_size", "sequence_length", q_size])
         o = project(attn, f"{p}.self_attn.o_proj")
@@ -348,7 +365,9 @@ def build_decoder(model_config: dict, linear: Callable[[str], Linear], tensor: C
         h = gb.node("Add", [h, down], f"/{p}/mlp_residual")
 
     x = rms_norm(h, "model.norm.weight", "/model/norm")
-    if cfg.tie_embeddings:
+    if head is not None:
+        logits = project(x, head[0], head[1]())
+    elif cfg.tie_embeddings:
         wt = gb.node("Transpose", [table], "/lm_head/TransposeTiedEmbedding", perm=[1, 0])
         if embed_dtype != io_np:
             wt = gb.node("Cast", [wt], "/lm_head/CastTiedEmbedding", to=io_onnx)

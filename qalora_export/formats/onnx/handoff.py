@@ -60,20 +60,51 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
         "    generator.generate_next_token()\n"
         "print(tokenizer.decode(generator.get_sequence(0)))\n"
         "```\n")
+    gate = {"max_abs_logit_diff_rel": {"max": spec.RUNTIME_MAX_DLOGIT_REL},
+            "mean_kl": {"max": spec.RUNTIME_MAX_KL},
+            "top1_not_near_tie": {"max": 0},
+            "greedy_not_near_tie": {"max": 0}}
+    near_tie_factor, head_limits = spec.NEAR_TIE_FACTOR, ()
+    head = _requantized_head(artifact, runtime_report)
+    if head is not None:
+        # the stored reference is the unmerged model with its float head: a requantized head is judged,
+        # as at export, by mean KL against the floor the runtime level measured (head.py)
+        from qalora_export.formats.bundle_facts import floor_limit
+        from qalora_export.formats.onnx.head import HEAD_KL_EPSILON, HEAD_KL_FLOOR_FACTOR
+
+        floor = ((runtime_report or {}).get("lm_head") or {}).get("floor")
+        gate = {"mean_kl": floor_limit(floor, "mean_kl", HEAD_KL_FLOOR_FACTOR, HEAD_KL_EPSILON)}
+        near_tie_factor = 0.0
+        head_limits = (f"the lm head is requantized to {head.get('kind')} (RTN, blocks of {head.get('block_size')}) "
+                       f"from the base's float {head.get('source')} (--lm-head): not exact; the folded projections "
+                       f"are. The gate is mean KL against the float-head reference within a floor measured at "
+                       f"export; top-1 and greedy continuations are reported, not gated",)
     return Handoff(
         runtime="onnxruntime (" + versions("onnxruntime", "onnxruntime-genai") + ")",
         install="pip install 'qalora-export[onnx]'",
         snippet=snippet,
-        limits=("com.microsoft.MatMulNBits: 2/4/8-bit codes (onnxruntime refuses 3), block sizes powers of two >= 16; "
+        limits=(*head_limits,
+                "com.microsoft.MatMulNBits: 2/4/8-bit codes (onnxruntime refuses 3), block sizes powers of two >= 16; "
                 "float zero-points (2 and 4 bits) hold the fold exactly",
                 "on CPU, float zero-points skip onnxruntime's prepacking (slower than uint8 zero-points); "
                 "the CPU provider is the one checked",
                 "verify without a base runs onnxruntime at accuracy level 0 (full recomputation for logits, "
                 "the KV cache for greedy decoding); onnxruntime-genai is checked by the export's runtime level"),
-        gate={"max_abs_logit_diff_rel": {"max": spec.RUNTIME_MAX_DLOGIT_REL},
-              "mean_kl": {"max": spec.RUNTIME_MAX_KL},
-              "top1_not_near_tie": {"max": 0},
-              "greedy_not_near_tie": {"max": 0}},
-        near_tie_factor=spec.NEAR_TIE_FACTOR,
+        gate=gate,
+        near_tie_factor=near_tie_factor,
         tokenizer_fingerprint=directory_tokenizer_fingerprint(Path(artifact)),
     )
+
+
+def _requantized_head(artifact: Path, runtime_report: Optional[dict]) -> Optional[dict]:
+    """The artifact's requantized-head record (``head.py``), or None for the base's float head."""
+    from qalora_export.formats.onnx.head import requantized_head
+
+    if runtime_report and isinstance(runtime_report.get("lm_head"), dict):
+        return runtime_report["lm_head"]
+    try:
+        from qalora_export.formats.onnx.read import merge_metadata
+
+        return requantized_head(merge_metadata(Path(artifact)))
+    except Exception:  # noqa: BLE001 - a damaged model file fails the bundle's other checks
+        return None

@@ -17,6 +17,7 @@ from qalora_export.core.weight_rows import WeightRows
 from qalora_export.errors import CheckpointError
 from qalora_export.formats.onnx import spec as spec
 from qalora_export.formats.onnx.pack import PACKED_NODES_KEY
+from qalora_export.formats.onnx.head import HEAD_NODE
 from qalora_export.formats.onnx.spec import MERGE_METADATA_KEY, MODEL_FILE
 
 # ------------------------------------------------------------------------------------ reading
@@ -140,6 +141,8 @@ def read_weight_rows(out_dir: Path) -> Iterator[tuple[str, WeightRows]]:
 
     for node in proto.graph.node:
         if node.op_type != spec.OP_TYPE or node.domain != spec.OP_DOMAIN:
+            continue
+        if node.name == HEAD_NODE:  # a requantized lm head (head.py): no folded layer; the runtime level checks it
             continue
         try:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -11,6 +11,8 @@ import torch
 
 from qalora_export.errors import ConfigError
 from qalora_export.formats.onnx import spec as spec
+from qalora_export.formats.onnx.head import requantized_head
+from qalora_export.formats.onnx.read import merge_metadata
 
 # ------------------------------------------------------------------------------------ verify
 
@@ -63,6 +65,10 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     workdir.mkdir(parents=True, exist_ok=True)
     view = onnxrt.at_accuracy_level(Path(artifact), 0, workdir / "onnx_level0")
     ref = build_model(model.base, model.adapter)
+    # a requantized lm head (--lm-head, head.py): the reference computes with the head the artifact
+    # declares, recomputed from the base, and the head's own cost is judged against a floor below
+    head = requantized_head(merge_metadata(Path(artifact)))
+    float_head = _use_declared_head(ref, model, head) if head else None
     eos = onnxrt.eos_ids(view)
     pad = onnxrt.pad_id(view)
     decoder = onnxrt.OrtDecoder(view)
@@ -70,7 +76,55 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     # The reference's frozen base is dequantized once for the whole run, not once per greedy step.
     with cached_base_weights(ref):
         _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all, ort_all, kv_all, greedy)
-    return _judge(prompts, ref_all, ort_all, kv_all, greedy)
+        float_all = _float_head_logits(ref, float_head, prompts) if head else None
+    result = _judge(prompts, ref_all, ort_all, kv_all, greedy)
+    if head:
+        _judge_head(result, head, float_all, ref_all, ort_all)
+    return result
+
+
+def _use_declared_head(ref, model, head: dict):
+    """Give the reference ``ref`` the head the artifact declares; returns its float head weight."""
+    from qalora_export.formats.onnx.head import declared_head
+
+    float_weight = ref.lm_head.weight.detach()
+    declared = torch.from_numpy(declared_head(model, head)).to(float_weight.dtype)
+    if declared.shape != float_weight.shape:
+        raise ConfigError(f"the artifact's requantized lm head is {tuple(declared.shape)}, the base's "
+                          f"{tuple(float_weight.shape)}: the artifact belongs to another base")
+    ref.lm_head.weight = torch.nn.Parameter(declared, requires_grad=False)  # a tied embedding keeps its table
+    return float_weight
+
+
+def _float_head_logits(ref, float_weight: torch.Tensor, prompts: list[list[int]]) -> list[np.ndarray]:
+    """The reference's logits with the base's float head (what a requantized head is measured against)."""
+    declared = ref.lm_head.weight
+    ref.lm_head.weight = torch.nn.Parameter(float_weight, requires_grad=False)
+    try:
+        with torch.no_grad():
+            return [ref(torch.tensor([p])).logits[0].to(torch.float64).numpy() for p in prompts]
+    finally:
+        ref.lm_head.weight = declared
+
+
+def _judge_head(result: dict, head: dict, float_all, declared_all, ort_all) -> None:
+    """Add the requantized head's cost to ``result``: the artifact (onnxruntime) and the floor (PyTorch
+    with the declared head) against PyTorch with the float head; gated by ``head.py``'s floor rule."""
+    from qalora_export.formats.onnx.head import HEAD_KL_EPSILON, HEAD_KL_FLOOR_FACTOR
+    from qalora_export.runtimes.compare import compare_logits, within_floor
+
+    artifact = compare_logits(float_all, ort_all).to_json()
+    floor = compare_logits(float_all, declared_all).to_json()
+    allowed = HEAD_KL_FLOOR_FACTOR * floor["mean_kl"] + HEAD_KL_EPSILON
+    result["lm_head"] = {
+        **head, "exact": False, "vs_float_head": artifact, "floor": floor, "allowed_mean_kl": allowed,
+        "rule": (f"vs the float head: artifact mean KL <= {HEAD_KL_FLOOR_FACTOR:g} x floor mean KL + "
+                 f"{HEAD_KL_EPSILON:g} (floor: the unmerged model in PyTorch with the declared head); every "
+                 f"other check compares with the declared head"),
+    }
+    result["checks"]["lm_head_floor"] = bool(within_floor(artifact["mean_kl"], floor["mean_kl"],
+                                                          HEAD_KL_FLOOR_FACTOR, HEAD_KL_EPSILON))
+    result["passed"] = all(result["checks"].values())
 
 
 def _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all, ort_all, kv_all, greedy) -> None:

@@ -95,7 +95,7 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, overwrite: bool,
-                    metadata: dict, late_metadata=None, pack: bool = False) -> dict:
+                    metadata: dict, late_metadata=None, pack: bool = False, head=None) -> dict:
     """Build the graph with ``linear`` (module name -> Linear) and write OUT_DIR atomically.
 
     ``late_metadata()`` is called after the graph is built (when every layer has been encoded)
@@ -114,7 +114,8 @@ def _write_artifact(model, out: Path, linear, dtype: str, accuracy_level: int, o
         external = ExternalData(tmp / DATA_FILE)
         try:
             proto = build_decoder(model.model_config, linear, lambda n: _tensor_np(model, n), external,
-                                  dtype=dtype, accuracy_level=accuracy_level, metadata=metadata, pack=pack)
+                                  dtype=dtype, accuracy_level=accuracy_level, metadata=metadata, pack=pack,
+                                  head=head)
         except BaseException:
             external.abort()
             raise
@@ -157,7 +158,7 @@ def _graph_modules(model_config: dict) -> list[str]:
 
 
 def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int = 0, dtype: str = "fp32",
-           overwrite: bool = False, allow_rounding: bool = False) -> dict:
+           overwrite: bool = False, allow_rounding: bool = False, lm_head: str = "float") -> dict:
     """Write ``model`` (a :class:`MergedView`) as an ONNX MatMulNBits decoder in ``out``.
 
     Args:
@@ -170,6 +171,9 @@ def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int =
         accuracy_level: MatMulNBits ``accuracy_level`` attribute (0 exact .. 4 int8 activations).
         dtype: activation / scale dtype, "fp32" or "fp16".
         allow_rounding: store zero-points a format cannot hold exactly, rounded, and report it.
+        lm_head: "float" (default: the base's float head, exact) or "int8"/"int4": the head (a tied
+            embedding's table) requantized by RTN into a MatMulNBits node for decode speed, not exact,
+            recorded under ``lm_head`` in the merge record (``head.py``).
 
     Returns:
         a JSON-able summary: options, bits / container / block size, act-order layers permuted,
@@ -183,6 +187,7 @@ def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int =
     from qalora_export.formats.onnx.graph import FloatLinear
 
     _check_options(zero_points, accuracy_level, dtype)
+    head, head_info = _requantized_head(model, lm_head)
     decoder_config(model.model_config)  # unsupported architecture: refuse before any work
     check_tokenizer_matches(model.base, model.tokenizer_dir)  # the export copies it next to the model
     spec.container_bits(model.bits)
@@ -237,10 +242,13 @@ def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int =
             record["low_rank_layers"] = sum(1 for s in stats if s["low_rank"])
             record["uint8_layers"] = len(stats) - len(split)
             record["packed"] = True
+        if head_info:  # only then: a float head's record stays byte for byte what it was
+            record["lm_head"] = head_info
         return record
 
     files = _write_artifact(model, out, linear, dtype, accuracy_level, overwrite, metadata,
-                            lambda: {MERGE_METADATA_KEY: json.dumps(merge_record())}, pack=zero_points == "auto")
+                            lambda: {MERGE_METADATA_KEY: json.dumps(merge_record())}, pack=zero_points == "auto",
+                            head=head)
     return {
         "format": "onnx",
         "path": str(out),
@@ -257,6 +265,29 @@ def export(model, out: Path, *, zero_points: str = "auto", accuracy_level: int =
         **merge_record(),
         **files,
     }
+
+
+def _requantized_head(model, lm_head: str):
+    """``(head, info)`` for :func:`build_decoder`: ``(None, {})`` for the float head, else the node
+    name and a maker of the requantized head, and the dict its record is written into (``head.py``)."""
+    from qalora_export.formats.onnx.head import (HEAD_NODE, check_lm_head_option, head_linear, head_record,
+                                                 head_source, quantize_head)
+
+    check_lm_head_option(lm_head)
+    if lm_head == "float":
+        return None, {}
+    if "lm_head" in model.quantized_modules:
+        raise ConfigError(f"--lm-head {lm_head}: the base's lm_head is already quantized (its fold is exported "
+                          f"as is); leave out --lm-head")
+    source = head_source(model.model_config)
+    info: dict = {}
+
+    def make():
+        weight = _tensor_np(model, source)
+        blocks = quantize_head(weight, lm_head)
+        info.update(head_record(lm_head, model.model_config, blocks, weight))
+        return head_linear(blocks)
+    return (HEAD_NODE, make), info
 
 
 def export_float_reference(model, out: Path, *, dtype: str = "fp32", overwrite: bool = False) -> dict:

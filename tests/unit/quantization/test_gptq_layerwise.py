@@ -150,6 +150,22 @@ def test_device_and_dtype_flags_are_checked(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "d").exists()
 
 
+def test_layers_mixing_attention_types_need_windows_within_the_sliding_window():
+    from transformers import Qwen2Config
+
+    # Qwen2 with use_sliding_window: layers from max_window_layers on attend over 32 tokens only
+    mixed = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        num_key_value_heads=1, vocab_size=64, use_sliding_window=True, sliding_window=32,
+                        max_window_layers=1)
+    assert set(mixed.layer_types) == {"full_attention", "sliding_attention"}
+    with pytest.raises(ConfigError, match="mix attention types .*--calibration-seq-len 32 or less"):
+        gptq_layerwise.check_one_attention_mask(mixed, 64)
+    gptq_layerwise.check_one_attention_mask(mixed, 32)  # the masks coincide up to the window
+    uniform = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, vocab_size=64, sliding_window=32)
+    gptq_layerwise.check_one_attention_mask(uniform, 4096)
+
+
 def test_float_model_disagreeing_with_its_config_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

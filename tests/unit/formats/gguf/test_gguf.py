@@ -320,9 +320,9 @@ def test_low_bit_codes_fit_q4_1(tmp_path, bits):
 
 
 def test_refuses_unsupported_architecture_and_rope(base, tmp_path):
-    qwen = _edit_config(base, tmp_path / "qwen", model_type="qwen2")
-    with pytest.raises(UnsupportedModelError, match="model_type 'qwen2'"):
-        G.export(MergedView.open(qwen), tmp_path / "q.gguf")
+    gemma = _edit_config(base, tmp_path / "gemma", model_type="gemma2")
+    with pytest.raises(UnsupportedModelError, match="model_type 'gemma2'.*supported: llama, mistral, qwen2, qwen3"):
+        G.export(MergedView.open(gemma), tmp_path / "g.gguf")
     yarn = _edit_config(base, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0,
                                                                   "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="rope scaling 'yarn'"):

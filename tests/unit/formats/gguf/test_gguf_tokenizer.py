@@ -209,7 +209,7 @@ def test_word_level_tokenizer_is_refused(tmp_path):
 
 
 def test_directory_without_tokenizer_json_is_refused(tmp_path):
-    with pytest.raises(UnsupportedModelError, match="has no tokenizer.json; GGUF export needs"):
+    with pytest.raises(UnsupportedModelError, match=r"has no tokenizer.json \(nor a SentencePiece tokenizer.model\); GGUF export needs"):
         read_tokenizer(tmp_path, VOCAB)
 
 
@@ -220,7 +220,7 @@ def _set_model(key, value):
 
 
 @pytest.mark.parametrize(("edit", "match"), [
-    (_set_model("byte_fallback", True), r"byte_fallback=true.*tokenizer.ggml.model=llama"),
+    (_set_model("byte_fallback", True), r"byte_fallback=true.*tokenizer.ggml.model=llama.*has no tokenizer.model"),
     (_set_model("continuing_subword_prefix", "##"), "subword prefixes/suffixes"),
     (_set_model("end_of_word_suffix", "</w>"), "subword prefixes/suffixes"),
     (lambda tok: tok.update(normalizer={"type": "NFKC"}), "normalizer 'NFKC' is not applied"),

@@ -113,6 +113,25 @@ def test_mistral_sliding_window_is_noted_and_per_layer_group_sizes_listed():
     assert cfg["quantization"]["model.layers.0.mlp.down_proj"] == {"group_size": 128, "bits": 4, "mode": "affine"}
 
 
+def test_qwen_families_config_and_refusals():
+    qwen3 = {**LLAMA, "model_type": "qwen3", "head_dim": 64, "tie_word_embeddings": True,
+             "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "use_sliding_window": False,
+             "sliding_window": None, "attention_bias": False}
+    cfg, notes = mlx_config(qwen3, 4, 32, "float32")
+    assert cfg["head_dim"] == 64 and cfg["tie_word_embeddings"] is True and cfg["rope_theta"] == 1e6
+    assert notes == []
+    with pytest.raises(UnsupportedModelError, match="mlx-lm's qwen3 has no q/k/v/o biases"):
+        mlx_config({**qwen3, "attention_bias": True}, 4, 32, "float32")
+    # Qwen windows only with use_sliding_window (off by default); mlx-lm attends over everything
+    cfg, notes = mlx_config({**qwen3, "model_type": "qwen2", "head_dim": 16, "sliding_window": 4096}, 4, 32,
+                            "float32")
+    assert notes == []
+    cfg, notes = mlx_config({**qwen3, "model_type": "qwen2", "head_dim": 16, "sliding_window": 4096,
+                             "use_sliding_window": True, "layer_types": ["full_attention", "sliding_attention"]},
+                            4, 32, "float32")
+    assert "sliding_window=4096" in notes[0] and "layer_types" not in cfg
+
+
 def test_layer_constraints():
     assert mlx_constraint("l", 4, 32, 64, False) is None
     assert "no MLX affine kernel" in mlx_constraint("l", 7, 32, 64, False)
