@@ -50,12 +50,16 @@ class FamilySpec:
 # Mistral-7B-Instruct-v0.1/v0.2 style (Llama-2 tokenizer, [INST] as plain text); written here
 # because llama.cpp's templates folder only has the newer Tekken-tokenizer Mistral templates.
 MISTRAL_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{% set ns_system = message['content'] %}"
-    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{{ bos_token }}{% set system = namespace(text='') %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set system.text = message['content'] + '\\n\\n' %}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + system.text + message['content'] + ' [/INST]' }}"
+    "{% set system.text = '' %}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
+# (A system message is prepended to the next user turn, as Mistral's later templates do; v0.1's
+# template raises on it.)
+
 
 SPECS: dict[str, FamilySpec] = {
     "llama3": FamilySpec(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from qalora_export.core.families import FAMILIES, LLAMA_PROJECTIONS as PROJECTIONS, head_dim as head_width
+from qalora_export.core.families import FAMILIES
+from qalora_export.core.families import LLAMA_PROJECTIONS as PROJECTIONS
+from qalora_export.core.families import head_dim as head_width
 from qalora_export.core.packing import packed_length
 from qalora_export.storage.safetensors_stream import TensorSpec
 

@@ -15,7 +15,6 @@ in every format and pass through unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 #: The quantized projections of one decoder layer of the LLaMA family, in the order checkpoints
 #: store them (module paths under ``model.layers.N``).
@@ -41,8 +40,8 @@ class Family:
     model_type: str
     projections: tuple[str, ...] = LLAMA_PROJECTIONS
     fixed_biases: tuple[str, ...] = ()
-    attention_bias_key: Optional[str] = None
-    mlp_bias_key: Optional[str] = None
+    attention_bias_key: str | None = None
+    mlp_bias_key: str | None = None
     head_norms: bool = False
 
     @property

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from qalora_export.modeling.qalora_linear import QALoRALinear
-from qalora_export.training.examples import IGNORE_INDEX, TokenizedExample, collate, render, to_messages
+from qalora_export.training.chat import render
+from qalora_export.training.examples import IGNORE_INDEX, TokenizedExample, collate, to_messages
 
 
 @contextlib.contextmanager

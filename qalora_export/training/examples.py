@@ -21,12 +21,7 @@ from typing import Any, Literal
 import torch
 
 from qalora_export.errors import DataError
-from qalora_export.training.chat import (  # noqa: F401  (render, has_chat_template: re-exported)
-    answer_token_spans,
-    encode,
-    has_chat_template,
-    render,
-)
+from qalora_export.training.chat import answer_token_spans, encode, render
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")

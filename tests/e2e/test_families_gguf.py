@@ -30,6 +30,7 @@ import pytest
 
 from qalora_export.checkpoint.merged_view import MergedView
 from qalora_export.formats.gguf import FORMAT as G
+from qalora_export.formats.gguf import container
 from qalora_export.formats.gguf import verify as gguf_verify
 from qalora_export.formats.gguf.runtime import tokenize_cases
 
@@ -161,7 +162,8 @@ def test_metadata_equals_llama_cpps_converter(family, files):
     fm, ours_path, theirs_path, summary = files(family)
     ours, theirs = gguf_helpers.gguf_metadata(ours_path), gguf_helpers.gguf_metadata(theirs_path)
     allowed = {**ALLOWED_DIFFERENCES["*"], **ALLOWED_DIFFERENCES[family]}
-    compared = sorted(k for k in set(ours) | set(theirs) if k not in NOT_COMPARED and not k.startswith(PROVENANCE_PREFIX))
+    compared = sorted(k for k in set(ours) | set(theirs)
+                      if k not in NOT_COMPARED and not k.startswith(PROVENANCE_PREFIX))
     differences = {}
     for key in compared:
         mine, other = ours.get(key), theirs.get(key)
@@ -177,7 +179,8 @@ def test_metadata_equals_llama_cpps_converter(family, files):
         assert want_theirs is ANY or got_theirs == want_theirs, (key, got_theirs, reason)
     # the big arrays really were compared (and are the full vocabulary)
     n_vocab = len(ours["tokenizer.ggml.tokens"][1])
-    assert n_vocab == summary["tokenizer"]["tokens"] == json.loads((fm.float_dir / "config.json").read_text())["vocab_size"]
+    config = json.loads((fm.float_dir / "config.json").read_text())
+    assert n_vocab == summary["tokenizer"]["tokens"] == config["vocab_size"]
     assert ours["tokenizer.ggml.token_type"][1] == theirs["tokenizer.ggml.token_type"][1]
     print(f"\n{family}: {len(compared)} keys compared ({n_vocab} tokens), allowed differences: "
           + "; ".join(f"{k}: ours {v[0]!r}, converter {v[1]!r}" for k, v in differences.items()))
@@ -185,32 +188,29 @@ def test_metadata_equals_llama_cpps_converter(family, files):
 
 def test_family_specifics_are_in_the_files(files):
     """What each family carries, read back from our file: rope factors, biases, q/k norms, head_dim."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
+    f32 = int(GGMLQuantizationType.F32)
     tensors = {}
     for family in FAMILIES:
-        fm, ours, _, summary = files(family)
-        reader = GGUFReader(str(ours))
-        tensors[family] = {t.name: t for t in reader.tensors}
+        _, ours, _, summary = files(family)
+        tensors[family] = container.read_header(ours)[1]  # name -> (ggml type, dims innermost first)
         assert summary["architecture"] == {"llama3": "llama", "mistral": "llama"}.get(family, family)
     assert "rope_freqs.weight" in tensors["llama3"] and "output.weight" in tensors["llama3"]
     assert "output.weight" not in tensors["qwen2"] and "output.weight" not in tensors["qwen3"]  # tied
-    for family in ("qwen2",):
-        for stem in ("attn_q", "attn_k", "attn_v"):
-            assert tensors[family][f"blk.0.{stem}.bias"].tensor_type.name == "F32"
-    q_norm = tensors["qwen3"]["blk.1.attn_q_norm.weight"]
-    assert q_norm.tensor_type.name == "F32" and list(q_norm.shape) == [64]  # head_dim, not 128 / 4
-    assert list(tensors["qwen3"]["blk.0.attn_q.weight"].shape)[1] == 4 * 64
+    assert all(tensors["qwen2"][f"blk.0.attn_{p}.bias"][0] == f32 for p in "qkv")
+    assert not any(name.endswith(".bias") for family in ("llama3", "mistral", "qwen3") for name in tensors[family])
+    assert tensors["qwen3"]["blk.1.attn_q_norm.weight"] == (f32, (64,))  # head_dim, not 128 / 4
+    assert tensors["qwen3"]["blk.0.attn_q.weight"][1] == (128, 4 * 64)
 
 
 def test_qwen2_biases_are_the_checkpoints_exactly(files):
     """q/k/v biases go into the file as float32 holding the base's values bit for bit, unpermuted."""
     import numpy as np
     import torch
-    from gguf import GGUFReader
 
     fm, ours, _, _ = files("qwen2")
-    stored = {t.name: np.asarray(t.data) for t in GGUFReader(str(ours)).tensors if t.name.endswith(".bias")}
+    stored = {t.name: np.asarray(t.data) for t in container.GGUFFile(ours).tensors if t.name.endswith(".bias")}
     base = MergedView.open(fm.base_dir)
     for layer in range(family_models.LAYERS):
         for proj, stem in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")):
@@ -241,8 +241,10 @@ def test_llama_cpp_tokenizes_as_with_the_converters_file(family, tokenizations):
 
 def _transformers_agreement(t: dict, tok) -> tuple[int, int, list[tuple[list[int], list[int]]]]:
     n = len(t["texts"])
-    texts = sum(tok(text, add_special_tokens=False)["input_ids"] == ids for text, ids in zip(t["texts"], t["ours"]["ids"]))
-    chats = [(ids, tok(chat, add_special_tokens=False)["input_ids"]) for chat, ids in zip(t["chats"], t["ours"]["ids"][2 * n:])]
+    texts = sum(tok(text, add_special_tokens=False)["input_ids"] == ids
+                for text, ids in zip(t["texts"], t["ours"]["ids"]))
+    chats = [(ids, tok(chat, add_special_tokens=False)["input_ids"])
+             for chat, ids in zip(t["chats"], t["ours"]["ids"][2 * n:])]
     return texts, sum(a == b for a, b in chats), chats
 
 
@@ -270,7 +272,8 @@ def test_sentencepiece_agreement_with_transformers_depends_on_legacy(tokenizatio
     texts_l, chats_l, _ = _transformers_agreement(t, legacy)
     texts_s, chats_s, pairs = _transformers_agreement(t, strict)
     print(f"\nmistral: llama.cpp vs transformers legacy=true: {texts_l}/{len(t['texts'])} test strings, "
-          f"{chats_l}/{len(t['chats'])} chat prompts; legacy=false: {texts_s}/{len(t['texts'])}, {chats_s}/{len(t['chats'])}")
+          f"{chats_l}/{len(t['chats'])} chat prompts; legacy=false: {texts_s}/{len(t['texts'])}, "
+          f"{chats_s}/{len(t['chats'])}")
     assert (texts_l, chats_l) == (len(t["texts"]), len(t["chats"]))
     # legacy=false: the chat prompts differ only in the token right after a special token
     control = {t["ours"]["vocab"]["bos"], t["ours"]["vocab"]["eos"]}
@@ -297,16 +300,16 @@ def test_merged_gguf_passes_verify_in_llama_cpp(family, files, tokenizations, tm
     prompts = [list(tok(chat, add_special_tokens=False)["input_ids"]) for chat in tokenizations(family)["chats"][:2]]
     result = gguf_verify.verify_runtime(model, ours, prompts, tmp_path, n_new=4)
     art, effect = result["artifact"], result["adapter_effect"]
+    floor, near_tie = result["floor"], 2 * result["floor"]["max_abs_logit_diff"]
+    margins = [r["greedy_divergence_margin"] for r in art["per_prompt"]]
     print(f"\n{family}: max weight error {worst:.2e} x max|W|; artifact mean KL {art['mean_kl']:.2e} (allowed "
-          f"{result['allowed_mean_kl']:.2e}, floor {result['floor']['mean_kl']:.2e}), top-1 {art['top1_agreement']:.3f}, "
-          f"greedy {art['greedy_match']:.2f} (parting at margins "
-          f"{[r['greedy_divergence_margin'] for r in art['per_prompt']]}, near-tie {2 * result['floor']['max_abs_logit_diff']:.2f}); adapter effect mean KL {effect['mean_kl']:.2e}, top-1 "
-          f"{effect['top1_agreement']:.3f}; F32 reference KL {result['f32_reference']['mean_kl']:.1e}; "
-          f"notes {summary['notes']}")
+          f"{result['allowed_mean_kl']:.2e}, floor {floor['mean_kl']:.2e}), top-1 {art['top1_agreement']:.3f}, "
+          f"greedy {art['greedy_match']:.2f} (parting at margins {margins}, near-tie {near_tie:.2f}); adapter "
+          f"effect mean KL {effect['mean_kl']:.2e}, top-1 {effect['top1_agreement']:.3f}; F32 reference KL "
+          f"{result['f32_reference']['mean_kl']:.1e}; notes {summary['notes']}")
     assert result["passed"], {k: result[k] for k in ("rule", "allowed_mean_kl", "kl_over_floor")}
     # greedy continuations equal, but where the reference itself is a near-tie: a top-1/top-2 margin
     # within twice llama.cpp's own logit error on the base (the floor), which activation rounding flips
-    near_tie = 2 * result["floor"]["max_abs_logit_diff"]
     for row in art["per_prompt"]:
         assert row["greedy_first_divergence"] is None or row["greedy_divergence_margin"] <= near_tie, row
     assert effect["mean_kl"] > 20 * result["allowed_mean_kl"]  # the check can fail: the adapter matters

@@ -10,8 +10,8 @@ import torch
 from qalora_export.checkpoint.shapes import checkpoint_tensors, linear_shapes
 from qalora_export.core.families import FAMILIES, SUPPORTED_MODEL_TYPES, TARGET_MODULES, head_dim
 
-SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=100)
+SIZES = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 100}
 CASES = [
     ("llama", {}),
     ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
