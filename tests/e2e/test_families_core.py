@@ -253,8 +253,9 @@ def test_integer_zero_training_folds_exactly_into_gptq_and_verifies(family, fami
                                                                    capsys):
     from qalora_export.modeling.model import build_model
     from qalora_export.runtimes.compare import compare_logits
+    from qalora_export.runtimes.isolation import call_isolated
     from qalora_export.training.evaluate import cached_base_weights
-    from qalora_export.verify import fixed_prompts, runtime_level
+    from qalora_export.verify import fixed_prompts
 
     fm = family_model(family)
     numbers = RESULTS.setdefault(family, {})
@@ -287,7 +288,11 @@ def test_integer_zero_training_folds_exactly_into_gptq_and_verifies(family, fami
     assert planned == sum(merged_ckpt.read_tensor(n).nbytes for n in merged_ckpt.tensor_files)
 
     prompts = fixed_prompts(fm.base_dir)[:2]
-    report = runtime_level("gptq", str(merged), str(fm.base_dir), str(adapter), None, prompts, "cpu")
+    # verify's runtime level, in a child process as verify runs it (runtimes/isolation.py)
+    report = call_isolated("qalora_export.verify:runtime_level",
+                           {"fmt": "gptq", "artifact": str(merged), "base_dir": str(fm.base_dir),
+                            "adapter_dir": str(adapter), "pooling": None, "prompts": prompts, "device": "cpu"},
+                           get_format("gptq").runtime, timeout=900)
     floor, result = report["floor"], report["artifact_vs_unmerged"]
     assert report["passed"] and report["exact_merge"], report
     assert result["greedy_match"] == 1.0 and result["top1_agreement"] == 1.0
