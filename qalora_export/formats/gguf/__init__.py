@@ -1,10 +1,11 @@
 """GGUF for llama.cpp: the folded model as Q4_1 blocks (``d = scale``, ``m = -scale * zero'``).
 
-Stages, one file each: ``spec`` (Q4_1 block layout, tolerances, tensor names as data),
-``container`` (reading a GGUF header, split files), ``hparams`` (config.json -> llama.cpp
-hyperparameters), ``encode`` (codes -> Q4_1 blocks), ``plan`` (the output's tensors), ``write``
-(the only module that drives gguf-py's writer), ``tokenizer`` (the tokenizer as GGUF metadata),
-``read`` (this project's own reader), ``verify`` and ``runtime`` (llama.cpp, in a child process).
+Stages, one file each: ``spec`` (Q4_1 block layout, tolerances, tensor names and the architectures
+llama, qwen2, qwen3 as data), ``container`` (reading a GGUF header and its tensors, split files),
+``hparams`` (config.json -> llama.cpp hyperparameters), ``encode`` (codes -> Q4_1 blocks),
+``kquant`` (Q6_K for an opt-in requantized head), ``plan`` (the output's tensors), ``write`` (the only module that drives gguf-py's writer), ``tokenizer`` and
+``tokenizer_spm`` (byte-level BPE and SentencePiece tokenizers as GGUF metadata), ``read`` (this
+project's own reader), ``verify`` and ``runtime`` (llama.cpp, in a child process).
 """
 
 from __future__ import annotations

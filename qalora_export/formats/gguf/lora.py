@@ -34,8 +34,7 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    return reader.fields.get(key)  # a container.GGUFFile (read._open_reader)
 
 
 def base_facts(base_gguf: Path) -> dict:

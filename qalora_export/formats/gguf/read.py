@@ -18,9 +18,8 @@ from qalora_export.formats.gguf import container, spec
 # --------------------------------------------------------------------------------- reading back
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+def _field(reader: "container.GGUFFile", key: str):
+    return reader.fields.get(key)
 
 
 def read_weights(path: Path | str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -65,7 +64,7 @@ def read_weight_rows(path: Path | str) -> Iterator[tuple[str, WeightRows]]:
 
 
 def _drop_pages(reader, tensor) -> None:
-    """Unmap the pages of ``tensor`` that decoding touched: gguf-py maps the whole file, and mapped pages
+    """Unmap the pages of ``tensor`` that decoding touched: the reader maps the whole file, and mapped pages
     count as the process's memory until unmapped, so a verify of a large GGUF would otherwise grow by the
     file's size (docs/scale.md). The mapping is read-only: dropped pages are read again if touched."""
     import mmap
@@ -145,17 +144,16 @@ def _dequantize_rows(data: np.ndarray, tensor_type) -> np.ndarray:
     return quants.dequantize(data, tensor_type).astype(np.float64)
 
 
-def _open_reader(path: Path | str):
-    """gguf-py's reader, its many exception types for a damaged file turned into CheckpointError."""
-    from gguf import GGUFReader
-
+def _open_reader(path: Path | str) -> "container.GGUFFile":
+    """The file's metadata and tensors (``container.GGUFFile``: gguf-py's reader takes seconds on a
+    150k-token vocabulary), its many exception types for a damaged file turned into CheckpointError."""
     if not Path(path).is_file():
         raise CheckpointError(f"GGUF file {path} does not exist")
-    # Walk the header first with our bounded scan: gguf-py reads past the end of the file as empty
-    # arrays, so a damaged array count makes it loop (up to 2**64 times) instead of failing.
+    # Walk the header first with the bounded scan (a damaged count or length fails there, before
+    # anything is decoded)
     read_file_types(path)
     try:
-        return GGUFReader(str(path))
+        return container.GGUFFile(path)
     except Exception as exc:  # ValueError, IndexError, KeyError, UnicodeDecodeError, struct errors, ...
         raise CheckpointError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it is truncated or corrupt, "
@@ -181,18 +179,16 @@ def read_file_types(path: Path | str) -> tuple[str, str]:
 
 def inspect(path: Path) -> dict:
     """``inspect`` of a GGUF file: tensor types and the main metadata keys."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(path))
+        reader = container.GGUFFile(path)
     except Exception as exc:
         raise ConfigError(f"{path} is not a readable GGUF file: {exc}") from exc
     types = Counter(t.tensor_type.name for t in reader.tensors)
+    arch = reader.fields.get("general.architecture")
     keys = {}
-    for name in ("general.architecture", "general.name", "llama.block_count", "llama.embedding_length",
-                 "llama.attention.head_count", "llama.attention.head_count_kv", "tokenizer.ggml.model"):
-        field = reader.fields.get(name)
-        if field is not None:
-            keys[name] = field.contents()
+    for name in ("general.architecture", "general.name", f"{arch}.block_count", f"{arch}.embedding_length",
+                 f"{arch}.attention.head_count", f"{arch}.attention.head_count_kv", "tokenizer.ggml.model"):
+        if name in reader.fields:
+            keys[name] = reader.fields[name]
     return {"kind": "gguf", "path": str(path), "bytes": path.stat().st_size, "tensors": len(reader.tensors),
             "tensor_types": dict(types), "metadata": keys}

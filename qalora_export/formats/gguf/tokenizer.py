@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Optional
 
 from qalora_export.errors import UnsupportedModelError
-from qalora_export.formats.gguf.tokenizer_spm import SPM_MODEL_FILE, looks_like_control, load_model_proto, read_spm_vocabulary
+from qalora_export.formats.gguf.tokenizer_spm import (SPM_MODEL_FILE, load_model_proto, looks_like_control,
+                                                      read_spm_vocabulary)
 
 TOKENIZER_JSON = "tokenizer.json"
 

@@ -52,9 +52,10 @@ def load_model_proto(path: Path):
     try:
         proto.ParseFromString(Path(path).read_bytes())
     except Exception as exc:  # protobuf's DecodeError, OSError
-        raise UnsupportedModelError(f"{path} is not a readable SentencePiece model ({type(exc).__name__}: {exc})") from exc
+        raise UnsupportedModelError(
+            f"{path} is not a readable SentencePiece model ({type(exc).__name__}: {exc})") from exc
     if not proto.pieces:
-        raise UnsupportedModelError(f"{path}: the SentencePiece model has no pieces")
+        raise UnsupportedModelError(f"{path} is not a readable SentencePiece model: it holds no pieces")
     return proto
 
 
@@ -69,7 +70,8 @@ def check_llama_cpp_reproduces(proto, path: Path) -> None:
         problems.append(f"normalizer {norm.name!r} rewrites text before tokenizing; llama.cpp applies no "
                         f"SentencePiece normalization")
     if norm.remove_extra_whitespaces:
-        problems.append("remove_extra_whitespaces=true collapses spaces; llama.cpp's SentencePiece tokenizer keeps them")
+        problems.append("remove_extra_whitespaces=true collapses spaces; llama.cpp's SentencePiece tokenizer "
+                        "keeps them")
     if norm.HasField("escape_whitespaces") and not norm.escape_whitespaces:
         problems.append("escape_whitespaces=false; llama.cpp always spells spaces as \u2581")
     if trainer.treat_whitespace_as_suffix:
@@ -133,8 +135,12 @@ def read_spm_vocabulary(directory: Path, n_vocab: int, proto=None) -> SpmVocabul
         add(token_id, str(text), PIECE_USER_DEFINED, added_path)
     config_path = Path(directory) / TOKENIZER_CONFIG_FILE
     config = _read_json(config_path)
-    for token_id, entry in (config.get("added_tokens_decoder") or {}).items():
-        text = str((entry or {}).get("content", ""))
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict) or not all(isinstance(e, dict) for e in decoder.values()):
+        raise UnsupportedModelError(f"{config_path}: added_tokens_decoder must map token ids to objects "
+                                    f"with a content field")
+    for token_id, entry in decoder.items():
+        text = str(entry.get("content", ""))
         special = bool(entry.get("special")) or looks_like_control(text)
         # a user-defined token is matched in raw text, where a space is a space (not ▁)
         add(int(token_id) if str(token_id).isdigit() else token_id, text if special else text.replace(SPACE_MARK, " "),

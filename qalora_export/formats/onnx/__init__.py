@@ -3,8 +3,8 @@
 
 Stages: ``spec`` (MatMulNBits layout, tolerances and file names as data), ``encode`` (a folded
 layer -> MatMulNBits inputs: float, uint8 or split zero-points), ``lowrank`` (a split residual as
-``U @ V``), ``pack`` (q/k/v and gate/up as one node each), ``decoder`` (the decoder's shape
-and rotary caches from ``config.json``), ``graph`` (the decoder graph, built with the ``onnx``
+``U @ V``), ``pack`` (q/k/v and gate/up as one node each), ``head`` (the opt-in requantized lm
+head), ``decoder`` (the decoder's shape and rotary caches from ``config.json``), ``graph`` (the decoder graph, built with the ``onnx``
 library), ``write`` (the artifact directory, atomically), ``genai`` (``genai_config.json``), ``read`` (this project's own reader),
 ``verify`` and ``runtime`` (onnxruntime and onnxruntime-genai, in a child process).
 """

@@ -75,10 +75,10 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
         floor = ((runtime_report or {}).get("lm_head") or {}).get("floor")
         gate = {"mean_kl": floor_limit(floor, "mean_kl", HEAD_KL_FLOOR_FACTOR, HEAD_KL_EPSILON)}
         near_tie_factor = 0.0
-        head_limits = (f"the lm head is requantized to {head.get('kind')} (RTN, blocks of {head.get('block_size')}) "
-                       f"from the base's float {head.get('source')} (--lm-head): not exact; the folded projections "
-                       f"are. The gate is mean KL against the float-head reference within a floor measured at "
-                       f"export; top-1 and greedy continuations are reported, not gated",)
+        head_limits = ((f"the lm head is requantized to {head.get('kind')} (RTN, blocks of {head.get('block_size')}) "
+                        f"from the base's float {head.get('source')} (--lm-head): not exact; the folded projections "
+                        f"are. The gate is mean KL against the float-head reference within a floor measured at "
+                        f"export; top-1 and greedy continuations are reported, not gated"),)
     return Handoff(
         runtime="onnxruntime (" + versions("onnxruntime", "onnxruntime-genai") + ")",
         install="pip install 'qalora-export[onnx]'",

@@ -110,8 +110,8 @@ def test_copied_checkpoint_reverifies_without_base_adapter_or_training_stack(wor
     assert int(suite.get("failures")) == 0 and int(suite.get("tests")) == len(names) + 1
     # the blocker works: our trainer cannot be imported under it, and PEFT looks absent
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "blocker"), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run([sys.executable, "-c", "import importlib.util; assert importlib.util.find_spec('peft') is None; "
-                            "import qalora_export.training.train"], env=env, capture_output=True, text=True)
+    code = "import importlib.util; assert importlib.util.find_spec('peft') is None; import qalora_export.training.train"
+    probe = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "blocked" in probe.stderr, probe.stderr
 
 

@@ -154,7 +154,7 @@ def test_a_tampered_head_fails(pair, tmp_path):
     proto, node = _head_node(out)
     inits = {t.name: t for t in proto.graph.initializer}
     scales = onnx_read._initializer_array(inits[node.input[2]], out) * 2
-    idx = [i for i, t in enumerate(proto.graph.initializer) if t.name == node.input[2]][0]
+    idx = next(i for i, t in enumerate(proto.graph.initializer) if t.name == node.input[2])
     proto.graph.initializer[idx].CopyFrom(numpy_helper.from_array(scales, node.input[2]))
     onnx.save(proto, str(out / spec.MODEL_FILE))
     result = onnx_verify.verify_runtime(model, out, PROMPTS, tmp_path / "work")
