@@ -79,8 +79,10 @@ def runtime_figures(runtime: dict) -> tuple[str, str, str]:
     """(mean KL, top-1, greedy) of the artifact-vs-unmerged comparison in a format's runtime report."""
     comparisons = {k: v for k, v in runtime.items() if isinstance(v, dict) and "mean_kl" in v}
     # Each format names its artifact-vs-unmerged comparison; floors and references are not it.
-    skip = ("floor", "reference", "base", "f32")
-    main = next((v for k, v in comparisons.items() if not any(s in k for s in skip)), None)
+    preferred = [k for k in ("artifact_vs_unmerged", "artifact", "logits") if k in comparisons]
+    skip = ("floor", "reference", "base", "f32", "declared")
+    others = [k for k in comparisons if not any(s in k for s in skip)]
+    main = comparisons[(preferred or others)[0]] if preferred or others else None
     if main is None:
         return "n/a", "n/a", "n/a"
     greedy = main.get("greedy_match", runtime.get("greedy_match"))
