@@ -47,7 +47,7 @@ def load_model_proto(path: Path):
     except ImportError as exc:  # sentencepiece missing, or its protobuf dependency
         raise MissingExtraError(
             f"{path} is a SentencePiece tokenizer; reading it for GGUF export needs the packages sentencepiece "
-            f"and protobuf, which are not installed: pip install sentencepiece protobuf ({exc})") from exc
+            f"and protobuf, which are not installed: pip install 'qalora-export[sentencepiece]' ({exc})") from exc
     proto = pb.ModelProto()
     try:
         proto.ParseFromString(Path(path).read_bytes())

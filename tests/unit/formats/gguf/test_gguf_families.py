@@ -229,7 +229,7 @@ def test_sentencepiece_file_problems(spm_dir, tmp_path, monkeypatch):
     gguf_helpers.make_tiny_bpe_tokenizer(bad, pre="gpt-2")  # ... next to a tokenizer.json: that one is read
     assert read_tokenizer(bad, gguf_helpers.BPE_VOCAB).model == "gpt2"
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
-    with pytest.raises(MissingExtraError, match="pip install sentencepiece protobuf"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'qalora-export\[sentencepiece\]'"):
         read_tokenizer(spm_dir, gguf_helpers.SPM_VOCAB + 1)
 
 
