@@ -14,7 +14,9 @@ float model the GPTQ base was quantized from): ``convert_hf_to_gguf.py --outtype
 converter of the llama-cpp-python sdist, ``vendor/llama.cpp/convert_hf_to_gguf.py`` with
 ``gguf-py`` beside it, run in a child process) and ``llama_model_quantize`` (llama-cpp-python's
 binding, in a child process) of that file to Q4_1, Q4_0 and Q4_K_M with llama.cpp's default
-choices (it keeps some tensors, e.g. the output / tied embedding, at higher precision). Theirs
+choices (it keeps some tensors, e.g. the output / tied embedding, at higher precision), and
+``llama.cpp q4_1 f16 head``: its Q4_1 with the output head and token embedding kept F16
+(``--output-tensor-type f16 --token-embedding-type f16``), the peer at our default's head. Theirs
 quantize the float model, not the merged weights: compare speed and size, not values.
 
 Each measurement runs llama.cpp in a child process (a crash names the file): prompt speed is one
@@ -38,7 +40,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 FTYPES = {"llama.cpp q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "llama.cpp q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-          "llama.cpp q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+          "llama.cpp q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "llama.cpp q4_1 f16 head": "LLAMA_FTYPE_MOSTLY_Q4_1"}
+# llama.cpp's Q4_1 with the output head and token embedding kept F16 (``llama-quantize
+# --output-tensor-type f16 --token-embedding-type f16``): the peer at our default's head precision
+F16_HEAD = {"llama.cpp q4_1 f16 head"}
 
 
 def measure(path: Path, prompt: list[int], n_decode: int, threads: int) -> tuple[float, float]:
@@ -81,13 +86,16 @@ def convert_float(convert: Path, float_dir: Path, out: Path) -> None:
         raise RuntimeError(f"convert_hf_to_gguf.py failed: {proc.stderr[-3000:]}")
 
 
-def quantize_in_child(src: Path, dst: Path, ftype: str) -> None:
-    """``llama_model_quantize(src, dst, ftype)`` through llama-cpp-python, in a child process."""
+def quantize_in_child(src: Path, dst: Path, ftype: str, f16_head: bool = False) -> None:
+    """``llama_model_quantize(src, dst, ftype)`` through llama-cpp-python, in a child process; with
+    ``f16_head`` the output head and token embedding stay F16 (llama.cpp's own override options)."""
     if dst.is_file():
         return
+    keep = ("p.output_tensor_type = llama_cpp.GGML_TYPE_F16\n"
+            "p.token_embedding_type = llama_cpp.GGML_TYPE_F16\n") if f16_head else ""
     code = ("import ctypes, sys, llama_cpp\n"
             "p = llama_cpp.llama_model_quantize_default_params()\n"
-            f"p.ftype = llama_cpp.{ftype}\n"
+            f"p.ftype = llama_cpp.{ftype}\n" + keep +
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))\n")
     proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not dst.is_file():
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name not in wanted:
                         continue
                     dst = work / f"{float_dir.name}-{name.replace(' ', '-')}.gguf"
-                    quantize_in_child(theirs, dst, ftype)
+                    quantize_in_child(theirs, dst, ftype, f16_head=name in F16_HEAD)
                     files[name], exact[name] = dst, "n/a (quantizes the float model)"
             except RuntimeError as exc:
                 notes["llama.cpp"] = str(exc).splitlines()[-1][:300]
@@ -189,19 +197,20 @@ def main(argv: list[str] | None = None) -> int:
             rows[kind] = {"bytes": path.stat().st_size, "exact": exact[kind],
                           "prompt_tok_s": statistics.median(r[0] for r in runs[kind]),
                           "decode_tok_s": statistics.median(r[1] for r in runs[kind])}
-    ref, peer = rows.get("ours f16"), rows.get("llama.cpp q4_1")
+    ref, peer, same_head = rows.get("ours f16"), rows.get("llama.cpp q4_1"), rows.get("llama.cpp q4_1 f16 head")
     print(f"model: {base} adapter={adapter}; llama.cpp in a child process, {args.threads} threads, prompt "
           f"{args.prompt_tokens}, decode {args.decode_tokens}, median of {args.repeats} interleaved rounds; "
           f"load average {load_before:.2f} -> {load_after:.2f} on {os.cpu_count()} CPUs")
     print("| file | MB | prompt tok/s | decode tok/s | decode / ours f16 | prompt / llama.cpp q4_1 "
-          "| decode / llama.cpp q4_1 | exact |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| decode / llama.cpp q4_1 | decode / llama.cpp q4_1 f16 head | exact |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for kind, row in rows.items():
         vs_peer = (f"{row['prompt_tok_s'] / peer['prompt_tok_s']:.2f} | "
                    f"{row['decode_tok_s'] / peer['decode_tok_s']:.2f}" if peer else "- | -")
         vs_ref = f"{row['decode_tok_s'] / ref['decode_tok_s']:.2f}" if ref else "-"
+        vs_same = f"{row['decode_tok_s'] / same_head['decode_tok_s']:.2f}" if same_head else "-"
         print(f"| {kind} | {row['bytes'] / 1e6:.1f} | {row['prompt_tok_s']:.1f} | {row['decode_tok_s']:.1f} | "
-              f"{vs_ref} | {vs_peer} | {row['exact']} |")
+              f"{vs_ref} | {vs_peer} | {vs_same} | {row['exact']} |")
     for name, why in notes.items():
         print(f"{name}: not run ({why})")
     if args.json:

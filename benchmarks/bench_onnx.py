@@ -16,7 +16,13 @@ For one model it writes
   (``block_size=<group size>``): once with its defaults (symmetric int4, ``accuracy_level=4``, the lm
   head quantized too), asymmetric (``is_symmetric=false``, zero-points like ours) and with the lm head
   left float as in ours (``nodes_to_exclude=/lm_head/MatMul``); ``builder int4 acc0`` is its default
-  model with every MatMulNBits at accuracy level 0 (a view of the same files, as verify runs ours).
+  model with every MatMulNBits at accuracy level 0 (a view of the same files, as verify runs ours),
+  ``builder int4 float head acc0`` the same view of its float-head model: the peer at our default's
+  exactness (float head, fp32 activations), the like-for-like ratio.
+
+With ``--accuracy`` each of our variants is also run in onnxruntime on the fixed chat prompts
+(``qalora_export.verify.fixed_prompts``) against the unmerged PyTorch model with its float head: mean
+KL and top-1 agreement, what each speed choice (accuracy level 4, a requantized head) costs.
 
 and measures every variant with onnxruntime-genai (the runtime both target), interleaved: each
 round loads each model once and times the prefill of a ``--prompt``-token prompt (tokens/s of
@@ -76,6 +82,37 @@ def genai_speed(model_dir: Path, prompt: list[int], steps: int) -> tuple[float, 
     decode = count / (time.perf_counter() - start)
     del generator, model
     return prefill, decode
+
+
+def accuracy_costs(model, dirs: dict[str, Path]) -> dict[str, dict]:
+    """Per variant: mean KL(PyTorch || onnxruntime) and top-1 agreement over the fixed chat prompts,
+    against the unmerged model (``build_model(base, adapter)``, float head), onnxruntime at each
+    variant's own accuracy level (not verify's level-0 view): what the variant's speed choices cost."""
+    import torch
+
+    from qalora_export.formats.onnx.runtime import OrtDecoder
+    from qalora_export.modeling.model import build_model
+    from qalora_export.runtimes.compare import compare_logits
+    from qalora_export.verify import fixed_prompts
+
+    prompts = fixed_prompts(model.tokenizer_dir)
+    ref = build_model(model.base, model.adapter)
+    with torch.no_grad():
+        ref_logits = [ref(torch.tensor([p])).logits[0].to(torch.float64).numpy() for p in prompts]
+    costs = {}
+    for name, out in dirs.items():
+        decoder = OrtDecoder(out)
+        try:
+            got = [decoder.logits(p).astype(np.float64) for p in prompts]
+        finally:
+            decoder.close()
+        c = compare_logits(ref_logits, got).to_json()
+        costs[name] = {"mean_kl": c["mean_kl"], "top1_agreement": c["top1_agreement"]}
+    return costs
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def onnx_bytes(model_dir: Path) -> int:
@@ -210,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--builder-pythonpath", default="", help="added to the builder's PYTHONPATH (onnx-ir)")
     parser.add_argument("--variants", nargs="*", help="only these variants (names as printed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also measure our variants against the unmerged PyTorch model (mean KL, top-1)")
     args = parser.parse_args(argv)
 
     from qalora_export.checkpoint.merged_view import MergedView
@@ -251,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         builders = {"builder int4": [], "builder int4 asym": ["is_symmetric=false", "shared_embeddings=false"],
                     "builder int4 float head": ["shared_embeddings=false", "nodes_to_exclude=/lm_head/MatMul"]}
         # the builder's default model with every MatMulNBits at accuracy level 0 (same weights; a view)
-        views = {"builder int4 acc0": "builder int4"}
+        views = {"builder int4 acc0": "builder int4", "builder int4 float head acc0": "builder int4 float head"}
         wanted = set(args.variants or [*ours, *builders, *views])
         dirs, exact, notes = {}, {}, {}
         for name, make in ours.items():
@@ -303,21 +342,26 @@ def main(argv: list[str] | None = None) -> int:
                           "prefill_tokens_per_s": statistics.median(t[0] for t in timings),
                           "decode_tokens_per_s": statistics.median(t[1] for t in timings),
                           "decode_runs": [round(t[1], 2) for t in timings]}
+        if args.accuracy:
+            for name, cost in accuracy_costs(model, {n: dirs[n] for n in ours if n in dirs}).items():
+                rows[name].update(cost)
         ref = rows.get("fp32")
         peer, head = rows.get("builder int4"), rows.get("builder int4 float head")
-        peer0 = rows.get("builder int4 acc0")
+        peer0, head0 = rows.get("builder int4 acc0"), rows.get("builder int4 float head acc0")
         print(f"model: {base}  bits={model.bits} group_size={model.group_size} adapter={adapter}")
         print(f"runtime: onnxruntime-genai, prompt {len(prompt)} tokens, {args.steps} decode steps, median of "
               f"{args.repeats} interleaved rounds; load average {load_before:.2f} -> {load_after:.2f} "
               f"on {os.cpu_count()} CPUs")
         print("| variant | MB | prefill tok/s | decode tok/s | decode / fp32 | prefill / builder int4 "
-              "| decode / builder int4 (acc 4) | decode / builder int4 acc 0 | decode / builder float head | exact |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| decode / builder int4 (acc 4) | decode / builder int4 acc 0 | decode / builder float head "
+              "| decode / builder float head acc 0 | mean KL vs unmerged | top-1 vs unmerged | exact |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, row in rows.items():
             print(f"| {name} | {row['bytes'] / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | "
                   f"{row['decode_tokens_per_s']:.1f} | {_ratio(row, ref, 'decode')} | {_ratio(row, peer, 'prefill')} | "
                   f"{_ratio(row, peer, 'decode')} | {_ratio(row, peer0, 'decode')} | {_ratio(row, head, 'decode')} | "
-                  f"{row['exact']} |")
+                  f"{_ratio(row, head0, 'decode')} | {_fmt(row.get('mean_kl'), '.1e')} | "
+                  f"{_fmt(row.get('top1_agreement'), '.3f')} | {row['exact']} |")
         for name, why in notes.items():
             print(f"{name}: not run ({why})")
         if args.json:

@@ -210,6 +210,18 @@ def _fmt(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+def _comparisons(runtime: dict) -> list[tuple[str, dict]]:
+    """The logit comparisons of a runtime report (dicts with ``mean_kl``), one level of nesting deep
+    (e.g. ``as_stored.floor``), with their names."""
+    found = []
+    for key, value in runtime.items():
+        if isinstance(value, dict) and "mean_kl" in value:
+            found.append((key, value))
+        elif isinstance(value, dict):
+            found += [(f"{key}.{k}", v) for k, v in value.items() if isinstance(v, dict) and "mean_kl" in v]
+    return found
+
+
 def render_markdown(report: dict) -> str:
     """A short human summary of a verify report."""
     w = report["weights"]
@@ -228,13 +240,13 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| runtime | {rt.get('runtime', report['format'])} | | {rt.get('passed')} |")
         if rt.get("error"):
             lines.append(f"\nRuntime error ({rt.get('cause')}): {rt['error']}\n")
-        for key, value in rt.items():
-            if isinstance(value, dict) and "mean_kl" in value:
-                figures = " / ".join(_fmt(value.get(k)) for k in ("max_abs_logit_diff", "mean_kl", "top1_agreement"))
-                lines.append(f"| runtime | {key}: max abs dlogit / mean KL / top-1 | {figures} | "
-                             f"{value.get('passed', '(reference)')} |")
+        for name, value in _comparisons(rt):
+            figures = " / ".join(_fmt(value.get(k)) for k in ("max_abs_logit_diff", "mean_kl", "top1_agreement"))
+            lines.append(f"| runtime | {name}: max abs dlogit / mean KL / top-1 | {figures} | "
+                         f"{value.get('passed', '(reference)')} |")
         for name, ok in (rt.get("checks") or {}).items():
             lines.append(f"| runtime | check {name} | | {ok} |")
-        if rt.get("rule"):
-            lines.append(f"\nRule: {rt['rule']}\n")
+        rules = [rt.get("rule")] + [v.get("rule") for v in rt.values() if isinstance(v, dict)]
+        for rule in filter(None, rules):
+            lines.append(f"\nRule: {rule}\n")
     return "\n".join(lines) + "\n"

@@ -79,6 +79,14 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
                         f"from the base's float {head.get('source')} (--lm-head): not exact; the folded projections "
                         f"are. The gate is mean KL against the float-head reference within a floor measured at "
                         f"export; top-1 and greedy continuations are reported, not gated"),)
+    stored = (runtime_report or {}).get("as_stored")
+    if isinstance(stored, dict):  # exported at accuracy level 4: what runs is int8 activations
+        head_limits += ((f"exported at MatMulNBits accuracy_level {stored.get('accuracy_level')} (int8 activations, "
+                         f"faster, not exact in compute; the stored weights are): verify without a base checks the "
+                         f"weights at level 0; the level-{stored.get('accuracy_level')} run was judged at export "
+                         f"against onnxruntime's own floor at that level (verify.json, runtime.as_stored: mean KL "
+                         f"{stored.get('artifact', {}).get('mean_kl', float('nan')):.2e}, floor "
+                         f"{stored.get('floor', {}).get('mean_kl', float('nan')):.2e})"),)
     return Handoff(
         runtime="onnxruntime (" + versions("onnxruntime", "onnxruntime-genai") + ")",
         install="pip install 'qalora-export[onnx]'",

@@ -50,7 +50,8 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     KL(torch || onnx), top-1 agreement, KV-cache decoding vs full recomputation, and greedy
     continuations (onnxruntime loop with KV cache, and onnxruntime-genai) vs the PyTorch greedy
     continuation. An artifact exported at another accuracy level runs through a level-0 view
-    in ``workdir`` (same weights). ``passed`` applies the tolerances of ``spec``: a top-1 or
+    in ``workdir`` (same weights), and is also run as stored, judged against onnxruntime's own floor at
+    that level (:func:`_judge_as_stored`). ``passed`` applies the tolerances of ``spec``: a top-1 or
     greedy disagreement passes only at a near-tie (reference top-2 margin within
     ``NEAR_TIE_FACTOR`` times the measured max |Δlogit|). ``device`` is part of the protocol;
     onnxruntime runs here on its CPU provider, whatever it says.
@@ -80,7 +81,61 @@ def verify_runtime(model, artifact: Path, prompts: list[list[int]], workdir: Pat
     result = _judge(prompts, ref_all, ort_all, kv_all, greedy)
     if head:
         _judge_head(result, head, float_all, ref_all, ort_all)
+    stored_levels = onnxrt.accuracy_levels(Path(artifact)) - {0}
+    if stored_levels:
+        _judge_as_stored(result, model, Path(artifact), max(stored_levels), head, prompts, ref_all, workdir)
     return result
+
+
+def _judge_as_stored(result: dict, model, artifact: Path, level: int, head: dict | None,
+                     prompts: list[list[int]], ref_all: list[np.ndarray], workdir: Path) -> None:
+    """Run an artifact exported at ``accuracy_level`` ``level`` (int8 activations) as stored, and judge it
+    against onnxruntime's own floor at that level (spec ``STORED_LEVEL_*``, docs/design.md §4): the base
+    exported the same way (zero-points, dtype, head, level) with no adapter, vs the PyTorch base.
+
+    ``ref_all``: the unmerged model's logits ``[T, V]`` per prompt (with the declared head, if any).
+    Adds ``result["as_stored"]`` and the check ``as_stored_floor``; level 0 is judged as before.
+    """
+    from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.formats.onnx.write import export
+    from qalora_export.modeling.model import build_model
+    from qalora_export.runtimes.compare import compare_logits, within_floor
+    from qalora_export.training.evaluate import cached_base_weights
+
+    record = merge_metadata(artifact) or {}
+    floor_dir = workdir / f"floor-base-level{level}"
+    export(MergedView(model.base, None), floor_dir, accuracy_level=level, dtype=record.get("dtype", "fp32"),
+           zero_points="auto", lm_head=(head or {}).get("kind", "float"), overwrite=True)
+    stored, floor = _ort_logits(artifact, prompts), _ort_logits(floor_dir, prompts)
+    base_ref = build_model(model.base, None)
+    if head:
+        _use_declared_head(base_ref, model, head)
+    with cached_base_weights(base_ref), torch.no_grad():
+        base_all = [base_ref(torch.tensor([p])).logits[0].to(torch.float64).numpy() for p in prompts]
+    artifact_cmp = compare_logits(ref_all, stored).to_json()
+    floor_cmp = compare_logits(base_all, floor).to_json()
+    factor, epsilon = spec.STORED_LEVEL_KL_FLOOR_FACTOR, spec.STORED_LEVEL_KL_EPSILON
+    result["as_stored"] = {
+        "accuracy_level": level, "artifact": artifact_cmp, "floor": floor_cmp,
+        "allowed_mean_kl": factor * floor_cmp["mean_kl"] + epsilon,
+        "rule": (f"at accuracy level {level} (int8 activations, as stored): artifact mean KL vs the unmerged model "
+                 f"<= {factor:g} x floor mean KL + {epsilon:g} (floor: the base exported the same way with no "
+                 f"adapter, in onnxruntime vs the PyTorch base); every other check runs at level 0"),
+    }
+    result["checks"]["as_stored_floor"] = bool(within_floor(artifact_cmp["mean_kl"], floor_cmp["mean_kl"],
+                                                            factor, epsilon))
+    result["passed"] = all(result["checks"].values())
+
+
+def _ort_logits(model_dir: Path, prompts: list[list[int]]) -> list[np.ndarray]:
+    """onnxruntime's full-sequence logits ``[T, V]`` (float64) per prompt, the model as stored."""
+    from qalora_export.formats.onnx import runtime as onnxrt
+
+    decoder = onnxrt.OrtDecoder(model_dir)
+    try:
+        return [decoder.logits(p).astype(np.float64) for p in prompts]
+    finally:
+        decoder.close()
 
 
 def _use_declared_head(ref, model, head: dict):

@@ -175,6 +175,11 @@ def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
     report = onnx_verify.verify_runtime(model, out4, PROMPTS[:1], tmp_path / "work")
     assert report["passed"] and report["accuracy_level"] == 0  # verified through a level-0 view
     assert onnxrt.accuracy_levels(out4) == {4}  # the artifact itself is untouched
+    # and as stored, at level 4, against onnxruntime's own level-4 floor (the base exported the same way)
+    stored = report["as_stored"]
+    assert stored["accuracy_level"] == 4 and report["checks"]["as_stored_floor"]
+    assert stored["artifact"]["mean_kl"] <= stored["allowed_mean_kl"]
+    assert 0 < stored["floor"]["mean_kl"] < 1e-2  # int8 activations: noise, not a bug
 
     with pytest.raises(FormatLimitError, match="--dtype fp32"):
         onnx_write.export(model, tmp_path / "fp16", dtype="fp16")
@@ -184,6 +189,18 @@ def test_accuracy_level_4_and_fp16_exports(make_pair, tmp_path):
     logits = decoder.logits(PROMPTS[0])
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
     np.testing.assert_allclose(decoder.incremental_logits(PROMPTS[0], 4), logits, atol=5e-3 * np.abs(logits).max())
+
+
+def test_accuracy_level_4_gate_can_fail(make_pair, tmp_path, monkeypatch):
+    """With no room above the floor, the level-4 run's own noise fails the as-stored check (and only it)."""
+    model = MergedView.open(*make_pair(4, 32))
+    out4 = tmp_path / "acc4"
+    onnx_write.export(model, out4, accuracy_level=4)
+    monkeypatch.setattr(spec, "STORED_LEVEL_KL_FLOOR_FACTOR", 0.0)
+    monkeypatch.setattr(spec, "STORED_LEVEL_KL_EPSILON", 0.0)
+    report = onnx_verify.verify_runtime(model, out4, PROMPTS[:1], tmp_path / "work")
+    assert not report["passed"]
+    assert [name for name, ok in report["checks"].items() if not ok] == ["as_stored_floor"]
 
 
 def test_refusals(make_pair, tmp_path):
