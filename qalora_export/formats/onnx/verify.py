@@ -99,7 +99,7 @@ def _judge_as_stored(result: dict, model, artifact: Path, level: int, head: dict
     from qalora_export.checkpoint.merged_view import MergedView
     from qalora_export.formats.onnx.write import export
     from qalora_export.modeling.model import build_model
-    from qalora_export.runtimes.compare import compare_logits, within_floor
+    from qalora_export.runtimes.compare import compare_logits
     from qalora_export.training.evaluate import cached_base_weights
 
     record = merge_metadata(artifact) or {}
@@ -115,15 +115,25 @@ def _judge_as_stored(result: dict, model, artifact: Path, level: int, head: dict
     artifact_cmp = compare_logits(ref_all, stored).to_json()
     floor_cmp = compare_logits(base_all, floor).to_json()
     factor, epsilon = spec.STORED_LEVEL_KL_FLOOR_FACTOR, spec.STORED_LEVEL_KL_EPSILON
-    result["as_stored"] = {
-        "accuracy_level": level, "artifact": artifact_cmp, "floor": floor_cmp,
-        "allowed_mean_kl": factor * floor_cmp["mean_kl"] + epsilon,
-        "rule": (f"at accuracy level {level} (int8 activations, as stored): artifact mean KL vs the unmerged model "
-                 f"<= {factor:g} x floor mean KL + {epsilon:g} (floor: the base exported the same way with no "
-                 f"adapter, in onnxruntime vs the PyTorch base); every other check runs at level 0"),
-    }
-    result["checks"]["as_stored_floor"] = bool(within_floor(artifact_cmp["mean_kl"], floor_cmp["mean_kl"],
-                                                            factor, epsilon))
+    _gate_on_floor(result, "as_stored", "as_stored_floor", artifact_cmp["mean_kl"], floor_cmp["mean_kl"], factor,
+                   epsilon, {
+                       "accuracy_level": level, "artifact": artifact_cmp, "floor": floor_cmp,
+                       "rule": (f"at accuracy level {level} (int8 activations, as stored): artifact mean KL vs the "
+                                f"unmerged model <= {factor:g} x floor mean KL + {epsilon:g} (floor: the base exported "
+                                f"the same way with no adapter, in onnxruntime vs the PyTorch base); every other "
+                                f"check runs at level 0"),
+                   })
+
+
+def _gate_on_floor(result: dict, key: str, check: str, measured_kl: float, floor_kl: float, factor: float,
+                   epsilon: float, entry: dict) -> None:
+    """Store ``entry`` (with the allowed mean KL) as ``result[key]`` and add the check ``check``:
+    ``measured_kl <= factor * floor_kl + epsilon`` (a cost judged against onnxruntime's or PyTorch's
+    own floor measured in the same run, docs/design.md §4)."""
+    from qalora_export.runtimes.compare import within_floor
+
+    result[key] = {**entry, "allowed_mean_kl": factor * floor_kl + epsilon}
+    result["checks"][check] = bool(within_floor(measured_kl, floor_kl, factor, epsilon))
     result["passed"] = all(result["checks"].values())
 
 
@@ -166,20 +176,17 @@ def _judge_head(result: dict, head: dict, float_all, declared_all, ort_all) -> N
     """Add the requantized head's cost to ``result``: the artifact (onnxruntime) and the floor (PyTorch
     with the declared head) against PyTorch with the float head; gated by ``head.py``'s floor rule."""
     from qalora_export.formats.onnx.head import HEAD_KL_EPSILON, HEAD_KL_FLOOR_FACTOR
-    from qalora_export.runtimes.compare import compare_logits, within_floor
+    from qalora_export.runtimes.compare import compare_logits
 
     artifact = compare_logits(float_all, ort_all).to_json()
     floor = compare_logits(float_all, declared_all).to_json()
-    allowed = HEAD_KL_FLOOR_FACTOR * floor["mean_kl"] + HEAD_KL_EPSILON
-    result["lm_head"] = {
-        **head, "exact": False, "vs_float_head": artifact, "floor": floor, "allowed_mean_kl": allowed,
-        "rule": (f"vs the float head: artifact mean KL <= {HEAD_KL_FLOOR_FACTOR:g} x floor mean KL + "
-                 f"{HEAD_KL_EPSILON:g} (floor: the unmerged model in PyTorch with the declared head); every "
-                 f"other check compares with the declared head"),
-    }
-    result["checks"]["lm_head_floor"] = bool(within_floor(artifact["mean_kl"], floor["mean_kl"],
-                                                          HEAD_KL_FLOOR_FACTOR, HEAD_KL_EPSILON))
-    result["passed"] = all(result["checks"].values())
+    _gate_on_floor(result, "lm_head", "lm_head_floor", artifact["mean_kl"], floor["mean_kl"], HEAD_KL_FLOOR_FACTOR,
+                   HEAD_KL_EPSILON, {
+                       **head, "exact": False, "vs_float_head": artifact, "floor": floor,
+                       "rule": (f"vs the float head: artifact mean KL <= {HEAD_KL_FLOOR_FACTOR:g} x floor mean KL + "
+                                f"{HEAD_KL_EPSILON:g} (floor: the unmerged model in PyTorch with the declared head); "
+                                f"every other check compares with the declared head"),
+                   })
 
 
 def _run_prompts(prompts, ref, decoder, view, eos, pad, max_new_tokens, ref_all, ort_all, kv_all, greedy) -> None:
