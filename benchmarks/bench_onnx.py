@@ -18,7 +18,8 @@ For one model it writes
   left float as in ours (``nodes_to_exclude=/lm_head/MatMul``); ``builder int4 acc0`` is its default
   model with every MatMulNBits at accuracy level 0 (a view of the same files, as verify runs ours),
   ``builder int4 float head acc0`` the same view of its float-head model: the peer at our default's
-  exactness (float head, fp32 activations), the like-for-like ratio.
+  exactness (float head, fp32 activations), the like-for-like ratio; ``builder int4 asym float head``
+  (and its ``acc0`` view) also stores zero-points, as any model holding a QA-LoRA fold must.
 
 With ``--accuracy`` each of our variants is also run in onnxruntime on the fixed chat prompts
 (``qalora_export.verify.fixed_prompts``) against the unmerged PyTorch model with its float head: mean
@@ -288,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         # asym: zero-points like ours (its int4 tied-embedding Gather does not load asymmetric, so the
         # embedding is not shared there); float head: the lm head left float, as in ours
         builders = {"builder int4": [], "builder int4 asym": ["is_symmetric=false", "shared_embeddings=false"],
-                    "builder int4 float head": ["shared_embeddings=false", "nodes_to_exclude=/lm_head/MatMul"]}
-        # the builder's default model with every MatMulNBits at accuracy level 0 (same weights; a view)
-        views = {"builder int4 acc0": "builder int4", "builder int4 float head acc0": "builder int4 float head"}
+                    "builder int4 float head": ["shared_embeddings=false", "nodes_to_exclude=/lm_head/MatMul"],
+                    "builder int4 asym float head": ["is_symmetric=false", "shared_embeddings=false",
+                                                     "nodes_to_exclude=/lm_head/MatMul"]}
+        # the builder's models with every MatMulNBits at accuracy level 0 (same weights; a view)
+        views = {"builder int4 acc0": "builder int4", "builder int4 float head acc0": "builder int4 float head",
+                 "builder int4 asym float head acc0": "builder int4 asym float head"}
         wanted = set(args.variants or [*ours, *builders, *views])
         dirs, exact, notes = {}, {}, {}
         for name, make in ours.items():
@@ -348,19 +352,22 @@ def main(argv: list[str] | None = None) -> int:
         ref = rows.get("fp32")
         peer, head = rows.get("builder int4"), rows.get("builder int4 float head")
         peer0, head0 = rows.get("builder int4 acc0"), rows.get("builder int4 float head acc0")
+        asym0 = rows.get("builder int4 asym float head acc0")  # stores zero-points, as a fold must
         print(f"model: {base}  bits={model.bits} group_size={model.group_size} adapter={adapter}")
         print(f"runtime: onnxruntime-genai, prompt {len(prompt)} tokens, {args.steps} decode steps, median of "
               f"{args.repeats} interleaved rounds; load average {load_before:.2f} -> {load_after:.2f} "
               f"on {os.cpu_count()} CPUs")
         print("| variant | MB | prefill tok/s | decode tok/s | decode / fp32 | prefill / builder int4 "
               "| decode / builder int4 (acc 4) | decode / builder int4 acc 0 | decode / builder float head "
-              "| decode / builder float head acc 0 | mean KL vs unmerged | top-1 vs unmerged | exact |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| decode / builder float head acc 0 | decode / builder asym float head acc 0 | mean KL vs unmerged "
+              "| top-1 vs unmerged | exact |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, row in rows.items():
             print(f"| {name} | {row['bytes'] / 1e6:.1f} | {row['prefill_tokens_per_s']:.1f} | "
                   f"{row['decode_tokens_per_s']:.1f} | {_ratio(row, ref, 'decode')} | {_ratio(row, peer, 'prefill')} | "
                   f"{_ratio(row, peer, 'decode')} | {_ratio(row, peer0, 'decode')} | {_ratio(row, head, 'decode')} | "
-                  f"{_ratio(row, head0, 'decode')} | {_fmt(row.get('mean_kl'), '.1e')} | "
+                  f"{_ratio(row, head0, 'decode')} | {_ratio(row, asym0, 'decode')} | "
+                  f"{_fmt(row.get('mean_kl'), '.1e')} | "
                   f"{_fmt(row.get('top1_agreement'), '.3f')} | {row['exact']} |")
         for name, why in notes.items():
             print(f"{name}: not run ({why})")
