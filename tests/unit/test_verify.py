@@ -246,6 +246,27 @@ def test_render_markdown_runtime_section():
     assert md.endswith("\n")
 
 
+def test_render_markdown_lists_nested_comparisons_and_their_rules():
+    """A level-4 ONNX report nests its as-stored comparison and floor one level down; both are listed,
+    with the nested rule, beside the top-level ones."""
+    report = {
+        "artifact": "/x/onnx", "format": "onnx", "base": "/x/base", "adapter": "/x/adapter", "passed": True,
+        "weights": {"passed": True, "layers_checked": 3, "max_abs_vs_declared": 0.0, "max_abs_vs_unmerged": 0.0},
+        "runtime": {"runtime": "onnxruntime", "passed": True, "rule": "level 0: fp32 order only",
+                    "logits": {"max_abs_logit_diff": 1e-5, "mean_kl": 4e-11, "top1_agreement": 1.0},
+                    "as_stored": {"accuracy_level": 4, "allowed_mean_kl": 0.0229, "rule": "as stored: 3 x floor",
+                                  "artifact": {"max_abs_logit_diff": 0.5, "mean_kl": 0.0068, "top1_agreement": 0.9},
+                                  "floor": {"max_abs_logit_diff": 0.6, "mean_kl": 0.0076, "top1_agreement": 0.94}},
+                    "checks": {"logits": True, "as_stored_floor": True}},
+    }
+    md = render_markdown(report)
+    assert "| runtime | logits: max abs dlogit / mean KL / top-1 | 1e-05 / 4e-11 / 1 | (reference) |" in md
+    assert "| runtime | as_stored.artifact: max abs dlogit / mean KL / top-1 | 0.5 / 0.0068 / 0.9 |" in md
+    assert "| runtime | as_stored.floor: max abs dlogit / mean KL / top-1 | 0.6 / 0.0076 / 0.94 |" in md
+    assert "| runtime | check as_stored_floor | | True |" in md
+    assert "Rule: level 0: fp32 order only" in md and "Rule: as stored: 3 x floor" in md
+
+
 # ------------------------------------------------------------------------------------ detection
 
 
