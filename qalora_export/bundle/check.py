@@ -10,7 +10,8 @@ checked with the runtime alone. Checks, each reported (and failed) on its own:
    (``runtimes.reference``) within the limits the bundle recorded at export.
 
 The weight level needs the base and is always listed as skipped; a check that cannot run because an
-earlier one failed is listed as skipped too, with the reason. Imports no model, trainer, PEFT or
+earlier one failed is listed as skipped too, with the reason, as is what the format says its runtime
+check does not cover for this artifact (``Handoff.not_rechecked``, e.g. an ONNX model's accuracy level 4). Imports no model, trainer, PEFT or
 GPTQModel code (the gptq format's runtime is GPTQModel itself).
 """
 
@@ -61,9 +62,18 @@ def verify_from_bundle(artifact: Path, fmt: Optional[str] = None) -> dict:
         else:
             figures, runtime_checks = _runtime(target, artifact, reference)
             checks.extend(runtime_checks)
+            skipped.extend(_not_rechecked(target, artifact))
     return {"artifact": str(artifact), "format": target.name, "mode": "reference", "bundle": str(bundle),
             "runtime": target.runtime.name, "checks": checks, "skipped": skipped, "figures": figures,
             "passed": bool(checks) and all(c["passed"] for c in checks)}
+
+
+def _not_rechecked(target, artifact: Path) -> list[str]:
+    """What the format says its runtime check does not cover for this artifact (``Handoff.not_rechecked``)."""
+    try:
+        return list(target.handoff(artifact, None).not_rechecked)
+    except Exception as exc:  # noqa: BLE001 - a damaged model file has failed the checks already; say so, go on
+        return [f"what the runtime check covers could not be read from {artifact} ({type(exc).__name__}: {exc})"]
 
 
 def _checksums(bundle: Path) -> dict:

@@ -54,6 +54,8 @@ class Handoff:
     gate: dict  # metric -> {"max": x} | {"min": x}: the runtime level's limits for verify without a base
     near_tie_factor: float  # a top-1 / greedy divergence passes when the reference margin <= this x max |dlogit|
     tokenizer_fingerprint: str  # sha256 of the artifact's tokenizer as the format stores it
+    # what verify without a base cannot re-check for this artifact (listed as skipped, with the reason)
+    not_rechecked: tuple[str, ...] = ()
 
 
 @runtime_checkable

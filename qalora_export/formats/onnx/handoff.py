@@ -101,7 +101,21 @@ def handoff(artifact: Path, runtime_report: Optional[dict]) -> Handoff:
         gate=gate,
         near_tie_factor=near_tie_factor,
         tokenizer_fingerprint=directory_tokenizer_fingerprint(Path(artifact)),
+        not_rechecked=_not_rechecked(Path(artifact)),
     )
+
+
+def _not_rechecked(artifact: Path) -> tuple[str, ...]:
+    """What the bundle's check cannot cover here: it runs onnxruntime at accuracy level 0, so an artifact
+    exported at another level is not re-run as stored (its int8-activation run was judged at export)."""
+    from qalora_export.formats.onnx.runtime import accuracy_levels
+
+    levels = sorted(accuracy_levels(artifact) - {0})
+    if not levels:
+        return ()
+    return ((f"accuracy level {levels[-1]} as stored (int8 activations): this check runs onnxruntime at level 0 "
+             f"on the same weights; the level-{levels[-1]} run was judged at export against onnxruntime's own "
+             f"floor (verify.json, runtime.as_stored); re-run it with verify ARTIFACT --base BASE --adapter ADAPTER"),)
 
 
 def _requantized_head(artifact: Path, runtime_report: Optional[dict]) -> Optional[dict]:

@@ -176,6 +176,10 @@ def test_bundle_says_so_and_reverifies_against_its_floor(pair, tmp_path):
     report = verify_from_bundle(copy)
     assert report["passed"], report["checks"]
     assert [c["name"] for c in report["checks"]][-1] == "runtime mean_kl"
+    # the level-4 run as stored is not re-run without a base, and the report says so
+    assert report["skipped"][0].startswith("weight level")
+    assert [s for s in report["skipped"] if s.startswith("accuracy level 4 as stored")], report["skipped"]
+    assert "as_stored" in json.loads((bundle / "verify.json").read_text())["runtime"]
 
 
 # ---------------------------------------------------------------------------- options, default
