@@ -91,7 +91,7 @@ def accuracy_costs(model, dirs: dict[str, Path]) -> dict[str, dict]:
     variant's own accuracy level (not verify's level-0 view): what the variant's speed choices cost."""
     import torch
 
-    from qalora_export.formats.onnx.runtime import OrtDecoder
+    from qalora_export.formats.onnx.runtime import full_logits
     from qalora_export.modeling.model import build_model
     from qalora_export.runtimes.compare import compare_logits
     from qalora_export.verify import fixed_prompts
@@ -102,12 +102,7 @@ def accuracy_costs(model, dirs: dict[str, Path]) -> dict[str, dict]:
         ref_logits = [ref(torch.tensor([p])).logits[0].to(torch.float64).numpy() for p in prompts]
     costs = {}
     for name, out in dirs.items():
-        decoder = OrtDecoder(out)
-        try:
-            got = [decoder.logits(p).astype(np.float64) for p in prompts]
-        finally:
-            decoder.close()
-        c = compare_logits(ref_logits, got).to_json()
+        c = compare_logits(ref_logits, full_logits(out, prompts)).to_json()
         costs[name] = {"mean_kl": c["mean_kl"], "top1_agreement": c["top1_agreement"]}
     return costs
 

@@ -11,7 +11,8 @@ checked with the runtime alone. Checks, each reported (and failed) on its own:
 
 The weight level needs the base and is always listed as skipped; a check that cannot run because an
 earlier one failed is listed as skipped too, with the reason, as is what the format says its runtime
-check does not cover for this artifact (``Handoff.not_rechecked``, e.g. an ONNX model's accuracy level 4). Imports no model, trainer, PEFT or
+check does not cover for this artifact (``Handoff.not_rechecked``, e.g. an ONNX model's accuracy
+level 4). Imports no model, trainer, PEFT or
 GPTQModel code (the gptq format's runtime is GPTQModel itself).
 """
 

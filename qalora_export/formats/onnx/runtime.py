@@ -162,6 +162,16 @@ class OrtDecoder:
         self.session = None
 
 
+def full_logits(model_dir: Path, prompts: Sequence[Sequence[int]]) -> list[np.ndarray]:
+    """onnxruntime's full-sequence logits ``[T, V]`` (float64) per prompt, the model as stored (its own
+    accuracy level)."""
+    decoder = OrtDecoder(model_dir)
+    try:
+        return [decoder.logits(p).astype(np.float64) for p in prompts]
+    finally:
+        decoder.close()
+
+
 def genai_greedy(model_dir: Path, prompt: Sequence[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by onnxruntime-genai (``Model(model_dir)``, search ``do_sample=False``)."""
     import onnxruntime_genai as og

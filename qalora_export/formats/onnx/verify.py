@@ -97,6 +97,7 @@ def _judge_as_stored(result: dict, model, artifact: Path, level: int, head: dict
     Adds ``result["as_stored"]`` and the check ``as_stored_floor``; level 0 is judged as before.
     """
     from qalora_export.checkpoint.merged_view import MergedView
+    from qalora_export.formats.onnx import runtime as onnxrt
     from qalora_export.formats.onnx.write import export
     from qalora_export.modeling.model import build_model
     from qalora_export.runtimes.compare import compare_logits
@@ -106,7 +107,7 @@ def _judge_as_stored(result: dict, model, artifact: Path, level: int, head: dict
     floor_dir = workdir / f"floor-base-level{level}"
     export(MergedView(model.base, None), floor_dir, accuracy_level=level, dtype=record.get("dtype", "fp32"),
            zero_points="auto", lm_head=(head or {}).get("kind", "float"), overwrite=True)
-    stored, floor = _ort_logits(artifact, prompts), _ort_logits(floor_dir, prompts)
+    stored, floor = onnxrt.full_logits(artifact, prompts), onnxrt.full_logits(floor_dir, prompts)
     base_ref = build_model(model.base, None)
     if head:
         _use_declared_head(base_ref, model, head)
@@ -135,17 +136,6 @@ def _gate_on_floor(result: dict, key: str, check: str, measured_kl: float, floor
     result[key] = {**entry, "allowed_mean_kl": factor * floor_kl + epsilon}
     result["checks"][check] = bool(within_floor(measured_kl, floor_kl, factor, epsilon))
     result["passed"] = all(result["checks"].values())
-
-
-def _ort_logits(model_dir: Path, prompts: list[list[int]]) -> list[np.ndarray]:
-    """onnxruntime's full-sequence logits ``[T, V]`` (float64) per prompt, the model as stored."""
-    from qalora_export.formats.onnx import runtime as onnxrt
-
-    decoder = onnxrt.OrtDecoder(model_dir)
-    try:
-        return [decoder.logits(p).astype(np.float64) for p in prompts]
-    finally:
-        decoder.close()
 
 
 def _use_declared_head(ref, model, head: dict):
